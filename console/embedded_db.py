@@ -5,6 +5,7 @@ One server per checkout, its files under ``var/postgres``, listening on
 tests) shares it: the first one that needs it starts it under a file lock, the
 others find it running. It is left running when a process exits, so they can
 keep sharing it; ``python manage.py embedded_db stop`` stops it.
+``EMBEDDED_PG_DIR`` and ``EMBEDDED_PG_PORT`` move it elsewhere.
 
 PostgreSQL refuses to run as root, so when we are root the server runs as a
 dedicated system user that owns only ``var/postgres``.
@@ -22,6 +23,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg2
@@ -169,6 +171,9 @@ class EmbeddedPostgres:
 
     def _check_port_free(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As PostgreSQL does: connections of a stopped server still in TIME_WAIT
+            # must not count as "taken", only a program listening there does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((self.host, self.port))
             except OSError as exc:
@@ -200,9 +205,13 @@ class EmbeddedPostgres:
         self._run(_bin_path() / "pg_ctl", "-D", str(self.pgdata), *args)
 
     def _run(self, program: Path, *args: str) -> None:
-        user = SYSTEM_USER if os.geteuid() == 0 else None
+        # As root, drop to the server's own user and group (and no root groups).
+        account = _ensure_system_user() if os.geteuid() == 0 else None
+        identity: dict[str, Any] = {}
+        if account is not None:
+            identity = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
         result = subprocess.run(
-            [str(program), *args], user=user, capture_output=True, text=True,
+            [str(program), *args], **identity, capture_output=True, text=True,
             stdin=subprocess.DEVNULL, timeout=START_TIMEOUT_S + 30, check=False,
         )
         if result.returncode != 0:
@@ -247,7 +256,13 @@ def _ensure_system_user() -> pwd.struct_passwd:
 
 
 def for_checkout() -> EmbeddedPostgres:
-    """The server of this checkout: ``var/`` beside manage.py, port from EMBEDDED_PG_PORT."""
-    base_dir = Path(__file__).resolve().parent.parent
-    port = int(os.environ.get("EMBEDDED_PG_PORT") or DEFAULT_PORT)
-    return EmbeddedPostgres(var_dir=base_dir / "var", port=port)
+    """This checkout's server: files in EMBEDDED_PG_DIR (default ``var/`` beside
+    manage.py), listening on EMBEDDED_PG_PORT (default 54329)."""
+    default_dir = Path(__file__).resolve().parent.parent / "var"
+    var_dir = Path(os.environ.get("EMBEDDED_PG_DIR") or default_dir).resolve()
+    port_text = os.environ.get("EMBEDDED_PG_PORT") or str(DEFAULT_PORT)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise EmbeddedDatabaseError(
+            f"EMBEDDED_PG_PORT must be a TCP port number, not {port_text!r}"
+        )
+    return EmbeddedPostgres(var_dir=var_dir, port=int(port_text))
