@@ -20,6 +20,7 @@ import os
 import pwd
 import socket
 import subprocess
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ from psycopg2 import sql
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_PORT = 54329
 SUPERUSER = "postgres"
 SYSTEM_USER = "embedded_postgres"  # used only when we run as root
 START_TIMEOUT_S = 60
@@ -54,7 +54,7 @@ class EmbeddedDatabaseError(RuntimeError):
 @dataclass(frozen=True)
 class EmbeddedPostgres:
     var_dir: Path
-    port: int = DEFAULT_PORT
+    port: int
     host: str = "127.0.0.1"
 
     @property
@@ -84,7 +84,9 @@ class EmbeddedPostgres:
         with self._locked():
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
-            if not self.is_running():
+            if self.is_running():
+                self._check_running_port()
+            else:
                 self._clear_stale_pidfile()
                 self._check_port_free()
                 self._start()
@@ -103,6 +105,11 @@ class EmbeddedPostgres:
     def is_running(self) -> bool:
         pid = self._postmaster_pid()
         return pid is not None and _is_postmaster_of(pid, self.pgdata)
+
+    def running_port(self) -> int | None:
+        """The port the running server really listens on (from postmaster.pid)."""
+        port = self._postmaster_field(3) if self.is_running() else None
+        return int(port) if port and port.isdigit() else None
 
     def url(self, database: str) -> str:
         return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"
@@ -169,6 +176,15 @@ class EmbeddedPostgres:
                 f"removed: {exc.strerror}. Remove it by hand and try again."
             ) from exc
 
+    def _check_running_port(self) -> None:
+        running = self.running_port()
+        if running != self.port:
+            raise EmbeddedDatabaseError(
+                f"the embedded PostgreSQL in {self.pgdata} is running on port {running}, but "
+                f"this process expects port {self.port} (EMBEDDED_PG_PORT changed?). Stop it "
+                "with `python manage.py embedded_db stop` and try again."
+            )
+
     def _check_port_free(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             # As PostgreSQL does: connections of a stopped server still in TIME_WAIT
@@ -194,12 +210,16 @@ class EmbeddedPostgres:
 
     # --- helpers ----------------------------------------------------------
 
-    def _postmaster_pid(self) -> int | None:
+    def _postmaster_field(self, line: int) -> str | None:
+        """A line of postmaster.pid: 0 is the pid, 3 the port."""
         try:
-            first_line = (self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
-            return int(first_line)
-        except (OSError, ValueError):
+            return (self.pgdata / "postmaster.pid").read_text().splitlines()[line].strip()
+        except (OSError, IndexError):
             return None
+
+    def _postmaster_pid(self) -> int | None:
+        pid = self._postmaster_field(0)
+        return int(pid) if pid and pid.isdigit() else None
 
     def _pg_ctl(self, *args: str) -> None:
         self._run(_bin_path() / "pg_ctl", "-D", str(self.pgdata), *args)
@@ -255,12 +275,18 @@ def _ensure_system_user() -> pwd.struct_passwd:
         return pwd.getpwnam(SYSTEM_USER)
 
 
+def default_port(var_dir: Path) -> int:
+    """A port in 15000-29999 (below Linux's ephemeral range) derived from the data
+    directory, so two checkouts on one machine do not fight over one port."""
+    return 15000 + zlib.crc32(str(var_dir).encode()) % 15000
+
+
 def for_checkout() -> EmbeddedPostgres:
     """This checkout's server: files in EMBEDDED_PG_DIR (default ``var/`` beside
-    manage.py), listening on EMBEDDED_PG_PORT (default 54329)."""
+    manage.py), listening on EMBEDDED_PG_PORT (default: derived from that path)."""
     default_dir = Path(__file__).resolve().parent.parent / "var"
     var_dir = Path(os.environ.get("EMBEDDED_PG_DIR") or default_dir).resolve()
-    port_text = os.environ.get("EMBEDDED_PG_PORT") or str(DEFAULT_PORT)
+    port_text = os.environ.get("EMBEDDED_PG_PORT") or str(default_port(var_dir))
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise EmbeddedDatabaseError(
             f"EMBEDDED_PG_PORT must be a TCP port number, not {port_text!r}"

@@ -87,6 +87,13 @@ def test_a_taken_port_is_named_in_the_error(server):
     assert not server.is_running()
 
 
+def test_a_server_running_on_another_port_than_configured_is_reported(server):
+    server.ensure_running()
+    moved = EmbeddedPostgres(var_dir=server.var_dir, port=free_port())
+    with pytest.raises(EmbeddedDatabaseError, match=rf"running on port {server.port}.*stop"):
+        moved.ensure_running()
+
+
 def test_an_unwritable_directory_is_named_in_the_error(tmp_path):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")

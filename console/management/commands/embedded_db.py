@@ -27,7 +27,8 @@ class Command(BaseCommand):
             elif action == "url":
                 self.stdout.write(server.url(database))
             else:
-                state = "running" if server.is_running() else "stopped"
-                self.stdout.write(f"{state}: {server.host}:{server.port}, data in {server.pgdata}")
+                port = server.running_port()
+                state = f"running on {server.host}:{port}" if port else "stopped"
+                self.stdout.write(f"{state}; configured port {server.port}; data {server.pgdata}")
         except embedded_db.EmbeddedDatabaseError as exc:
             raise CommandError(str(exc)) from exc
