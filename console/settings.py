@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from console import embedded_db, log_config
 
@@ -29,6 +30,19 @@ ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
 # Stripe signs each delivery with the endpoint secret; several are accepted
 # while a secret is being rolled.
 STRIPE_WEBHOOK_SECRETS = env_list("STRIPE_WEBHOOK_SECRET")
+# A live deployment ignores test-mode events, and a test deployment live ones.
+STRIPE_LIVEMODE = env_bool("STRIPE_LIVEMODE", False)
+
+# inline: process right after the event is stored, in the request; deferred:
+# only store, and leave processing to `manage.py process_webhooks`.
+WEBHOOK_PROCESSING = os.environ.get("WEBHOOK_PROCESSING", "inline")
+if WEBHOOK_PROCESSING not in {"inline", "deferred"}:
+    raise ImproperlyConfigured("WEBHOOK_PROCESSING must be 'inline' or 'deferred'")
+WEBHOOK_MAX_ATTEMPTS = int(os.environ.get("WEBHOOK_MAX_ATTEMPTS", "10"))
+WEBHOOK_RETRY_BASE_SECONDS = float(os.environ.get("WEBHOOK_RETRY_BASE_SECONDS", "30"))
+WEBHOOK_RETRY_MAX_SECONDS = float(os.environ.get("WEBHOOK_RETRY_MAX_SECONDS", "21600"))
+# How long a worker (or the inline request) owns a claimed event before another may take it.
+WEBHOOK_LEASE_SECONDS = float(os.environ.get("WEBHOOK_LEASE_SECONDS", "60"))
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -37,6 +51,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.contrib.postgres",
     "payouts",
     "console",
 ]

@@ -1,0 +1,103 @@
+"""The webhook inbox: every verified delivery, its processing attempts, and rejections."""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class WebhookEvent(models.Model):
+    """One Stripe event, stored exactly as received before anything is done with it."""
+
+    class Status(models.TextChoices):
+        RECEIVED = "received"  # stored, not processed yet
+        PROCESSED = "processed"  # applied to the ledger
+        SKIPPED = "skipped"  # valid, but changes nothing (older, final state, ...)
+        IGNORED = "ignored"  # a type we do not handle, or test mode on a live deployment
+        FAILED = "failed"  # will be retried (see next_attempt_at)
+        DEAD = "dead"  # retries exhausted; only a replay moves it
+
+    # Statuses the worker picks up when due.
+    PENDING = (Status.RECEIVED, Status.FAILED)
+    # Statuses after which automatic processing never touches the event again.
+    FINAL = (Status.PROCESSED, Status.SKIPPED, Status.IGNORED, Status.DEAD)
+
+    stripe_event_id = models.CharField(max_length=255, unique=True)
+    type = models.CharField(max_length=100)
+    account = models.CharField(max_length=64, blank=True, default="")
+    livemode = models.BooleanField(default=False)
+    api_version = models.CharField(max_length=64, blank=True, default="")
+    stripe_created = models.DateTimeField()
+    stripe_object_id = models.CharField(max_length=255, blank=True, default="",
+                                        help_text="data.object.id, e.g. the po_… of a payout event")
+    raw_body = models.BinaryField(help_text="the request body exactly as received")
+    headers = models.JSONField(default=dict, blank=True, help_text="sanitised request headers")
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
+    status_reason = models.CharField(max_length=255, blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            # The worker's claim: due events in order.
+            models.Index(fields=["next_attempt_at"], condition=Q(status__in=["received", "failed"]),
+                         name="webhook_event_due"),
+            models.Index(fields=["status", "-received_at"]),
+            models.Index(fields=["stripe_object_id", "stripe_created"]),
+            models.Index(fields=["type", "-received_at"]),
+            models.Index(fields=["account", "-received_at"]),
+            models.Index(fields=["-received_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.stripe_event_id} ({self.type})"
+
+
+class WebhookEventAttempt(models.Model):
+    """One run of the processor for an event: automatic, or a replay by staff."""
+
+    class Trigger(models.TextChoices):
+        INLINE = "inline"  # right after the delivery was stored
+        WORKER = "worker"  # process_webhooks
+        REPLAY = "replay"  # staff, from the console or admin
+
+    class Outcome(models.TextChoices):
+        APPLIED = "applied"
+        SKIPPED = "skipped"
+        IGNORED = "ignored"
+        RETRY = "retry"  # e.g. payout not known yet, or busy
+        FAILED = "failed"  # an error
+
+    event = models.ForeignKey(WebhookEvent, on_delete=models.CASCADE, related_name="attempts_log")
+    trigger = models.CharField(max_length=16, choices=Trigger.choices)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL,
+                                     null=True, blank=True, related_name="+")
+    worker = models.CharField(max_length=128, blank=True, default="")
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    reason = models.CharField(max_length=255, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+    status_after = models.CharField(max_length=16, choices=WebhookEvent.Status.choices)
+
+    class Meta:
+        ordering = ["started_at", "id"]
+        indexes = [models.Index(fields=["event", "started_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.trigger} attempt: {self.outcome}"
+
+
+class WebhookRejection(models.Model):
+    """Count of refused deliveries per reason: one row per reason, so junk never grows it."""
+
+    reason = models.CharField(max_length=64, primary_key=True)
+    count = models.BigIntegerField(default=0)
+    last_seen_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.count}"
