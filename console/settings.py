@@ -28,8 +28,12 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "django-insecure-dev-only-se
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
 
 # Stripe signs each delivery with the endpoint secret; several are accepted
-# while a secret is being rolled.
-STRIPE_WEBHOOK_SECRETS = env_list("STRIPE_WEBHOOK_SECRET")
+# while a secret is being rolled. In DEBUG (the local demo) a fixed, public
+# development secret is the default, so `stripe_trigger` and the server agree.
+DEV_WEBHOOK_SECRET = "whsec_dev_only_payout_console_not_a_real_secret"
+STRIPE_WEBHOOK_SECRETS = env_list("STRIPE_WEBHOOK_SECRET") or (
+    [DEV_WEBHOOK_SECRET] if DEBUG else []
+)
 # A live deployment ignores test-mode events, and a test deployment live ones.
 STRIPE_LIVEMODE = env_bool("STRIPE_LIVEMODE", False)
 

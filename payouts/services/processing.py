@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 import txutils
@@ -131,7 +131,7 @@ def update_payout_from_webhook(
             transfers.filter(status=PaymentTransfer.Status.PENDING).update(
                 status=PaymentTransfer.Status.PAID)
 
-    log.info("payout.transitioned", payout=stripe_payout_id, event=event.stripe_event_id,
+    log.info("payout.transitioned", payout=stripe_payout_id, stripe_event=event.stripe_event_id,
              from_status=previous_status, to_status=new_status)
     # Step 8: an outcome the caller can act on.
     return ProcessingOutcome(Kind.APPLIED, decision.reason, payout.pk)
@@ -164,7 +164,7 @@ def _payout_create(event: WebhookEvent, payout_object: dict[str, Any]) -> Proces
         events_applied=1,
     )
     txutils.annotate(payout_id=payout.pk)
-    log.info("payout.created", payout=stripe_payout_id, event=event.stripe_event_id)
+    log.info("payout.created", payout=stripe_payout_id, stripe_event=event.stripe_event_id)
     return ProcessingOutcome(Kind.APPLIED, "created", payout.pk)
 
 
@@ -194,6 +194,8 @@ def event_process(
     try:
         outcome = _process(event_id, trigger, nowait, payload)
     except Exception as exc:
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()  # reconnect after a lost connection
         error = f"{type(exc).__name__}: {exc}".strip()
         code = txutils.sqlstate_of(exc)
         if code == LOCK_NOT_AVAILABLE or code in txutils.RETRYABLE_SQLSTATES:

@@ -1,27 +1,225 @@
+"""Deterministic demo data, run through the real processor; safe to run again.
+
+Sellers with released transactions, payouts created the way `create_payouts`
+creates them, then their Stripe events recorded and processed like deliveries:
+payouts end up in every status, with timelines, attempts and transaction logs.
+A few events fail for real (unknown payout) or are made to look like a past
+failure (so staff can replay them), and one is dead.
+"""
+
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.utils import timezone
 
-# Demo logins for a local console; `make run` prints them. Never used outside DEBUG demos.
+from payouts import stripe_events
+from payouts.models import (
+    PaymentTransaction,
+    PaymentTransfer,
+    Payout,
+    PayoutItem,
+    Seller,
+    WebhookEvent,
+    WebhookEventAttempt,
+)
+from payouts.services import inbox
+from payouts.services.processing import event_process
+
+DAY = 86400
+
+# Demo logins for a local console; `make run` prints them.
 DEMO_USERS = [
     # username, password, superuser
     ("admin", "admin-demo-password", True),
 ]
+
+SELLERS = [
+    ("Atelier Nord", "acct_1DemoAtelierNord00"),
+    ("Blue Heron Books", "acct_1DemoBlueHeron0000"),
+    ("Cedar & Clay", "acct_1DemoCedarClay0000"),
+    ("Dune Coffee Roasters", "acct_1DemoDuneCoffee000"),
+    ("Elm Street Prints", "acct_1DemoElmStreet0000"),
+    ("Fjord Outdoor", "acct_1DemoFjordOutdoor0"),
+]
+FAILURE_CODES = ["account_closed", "insufficient_funds", "no_account",
+                 "invalid_account_number", "could_not_process", "bank_account_restricted"]
+FAILURE_MESSAGES = {
+    "account_closed": "The bank account has been closed.",
+    "insufficient_funds": "Your Stripe account has insufficient funds to cover the payout.",
+    "no_account": "The bank account details on file are probably incorrect.",
+    "invalid_account_number": "The routing number is correct, the account number is invalid.",
+    "could_not_process": "The bank could not process this payout.",
+    "bank_account_restricted": "The bank account has restrictions on payouts.",
+}
+# Each seller's payouts: (final status, days ago it was created).
+SCENARIO = [("paid", 40), ("paid", 26), ("paid", 12), ("failed", 9), ("in_transit", 6),
+            ("in_transit", 1), ("pending", 0), ("canceled", 3)]
 
 
 class Command(BaseCommand):
     help = "Load the deterministic demo data and demo logins (idempotent)."
 
     def handle(self, *args: Any, **options: Any) -> None:
+        self.base = datetime.combine(date.today(), time(), tzinfo=UTC)  # midnight UTC today
         with transaction.atomic():
             for username, password, superuser in DEMO_USERS:
                 user, _ = User.objects.get_or_create(username=username)
                 user.is_staff = user.is_superuser = superuser
                 user.set_password(password)
                 user.save()
+        processed = 0
+        for s, (name, account) in enumerate(SELLERS):
+            seller, _ = Seller.objects.get_or_create(stripe_account_id=account,
+                                                     defaults={"name": name})
+            self._unpaid_transactions(seller, s)
+            for p, (final_status, days_ago) in enumerate(SCENARIO):
+                processed += self._payout(seller, s, p, final_status, days_ago)
+        processed += self._troubled_events()
+        self.stdout.write(f"Demo data ready ({processed} new events processed).")
         self.stdout.write("Demo logins (local demo only):")
         for username, password, superuser in DEMO_USERS:
-            role = "superuser" if superuser else "staff"
-            self.stdout.write(f"  {username} / {password}  ({role})")
+            self.stdout.write(f"  {username} / {password}"
+                              f"  ({'superuser' if superuser else 'staff'})")
+
+    def _ts(self, days_ago: float) -> int:
+        return int((self.base - timedelta(days=days_ago)).timestamp())
+
+    def _unpaid_transactions(self, seller: Seller, s: int) -> None:
+        if seller.transactions.filter(payed_out=False).exists():
+            return
+        for k in range(3):
+            PaymentTransaction.objects.create(
+                seller=seller, amount=2500 + 310 * k + 45 * s, currency="usd",
+                release_date=(self.base - timedelta(days=k)).date())
+
+    @transaction.atomic
+    def _payout_rows(self, seller: Seller, s: int, p: int, days_ago: int) -> Payout:
+        """The payout as `create_payouts` leaves it: transactions paid out, transfers pending."""
+        payout_id = f"po_1Demo{s:02d}{p:02d}{seller.stripe_account_id[-6:]}"
+        existing = Payout.objects.filter(stripe_payout_id=payout_id).first()
+        if existing is not None:
+            return existing
+        released_at = self.base - timedelta(days=days_ago)
+        amounts = [1200 + 250 * ((s + p + k) % 7) for k in range(3)]
+        payout = Payout.objects.create(
+            seller=seller, stripe_payout_id=payout_id, amount=sum(amounts), currency="usd",
+            status="pending", metadata={"payout_console_id": f"demo-{s}-{p}"})
+        for k, amount in enumerate(amounts):
+            txn = PaymentTransaction.objects.create(
+                seller=seller, amount=amount, currency="usd",
+                release_date=(released_at - timedelta(days=3)).date(),
+                payed_out=True, actual_release_date=released_at)
+            transfer = PaymentTransfer.objects.create(
+                payment_transaction=txn, amount=amount,
+                stripe_transfer_id=f"tr_1Demo{s:02d}{p:02d}{k:02d}")
+            PayoutItem.objects.create(payout=payout, payment_transfer=transfer)
+        return payout
+
+    def _payout(self, seller: Seller, s: int, p: int, final_status: str, days_ago: int) -> int:
+        payout = self._payout_rows(seller, s, p, days_ago)
+        created = self._ts(days_ago)
+        arrival = created + 2 * DAY
+        steps: list[tuple[str, str, dict[str, Any]]] = [("payout.created", "pending", {})]
+        if final_status in ("in_transit", "paid", "failed"):
+            steps.append(("payout.updated", "in_transit", {}))
+        if final_status in ("paid", "failed"):
+            steps.append(("payout.paid", "paid", {}))
+        if final_status == "failed":
+            code = FAILURE_CODES[s % len(FAILURE_CODES)]
+            steps.append(("payout.failed", "failed",
+                          {"failure_code": code, "failure_message": FAILURE_MESSAGES[code]}))
+        if final_status == "canceled":
+            steps.append(("payout.canceled", "canceled", {}))
+        if s == 0 and p == 4:  # a payout stuck in transit: its arrival date has passed
+            arrival = created + DAY
+        processed = 0
+        for n, (event_type, status, extra) in enumerate(steps):
+            obj = stripe_events.payout_object(
+                payout.stripe_payout_id, status=status, amount=payout.amount, created=created,
+                arrival_date=arrival, metadata=payout.metadata, **extra)
+            event = stripe_events.payout_event(
+                event_type, obj, account=seller.stripe_account_id,
+                created=created + n * 3600 * 6, event_id=f"evt_1Demo{s:02d}{p:02d}{n:02d}")
+            processed += self._deliver(event)
+        if final_status == "paid" and p == 0:
+            # A late, older payout.updated: skipped, the payout stays paid.
+            obj = stripe_events.payout_object(payout.stripe_payout_id, status="in_transit",
+                                              amount=payout.amount, created=created)
+            late = stripe_events.payout_event("payout.updated", obj, created=created + 3600,
+                                              account=seller.stripe_account_id,
+                                              event_id=f"evt_1Demo{s:02d}{p:02d}late")
+            processed += self._deliver(late)
+        return processed
+
+    def _deliver(self, event: dict[str, Any], *, process: bool = True) -> int:
+        """Record like the webhook endpoint does, then process inline. 1 if new."""
+        body = stripe_events.encode(event)
+        headers = {"content-type": "application/json; charset=utf-8",
+                   "user-agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}
+        recorded = inbox.event_record(event, body, headers, lease_s=60)
+        if recorded.event_id is None:
+            return 0
+        if process:
+            event_process(event_id=recorded.event_id, trigger=WebhookEventAttempt.Trigger.INLINE,
+                          payload=event)
+        return 1
+
+    def _troubled_events(self) -> int:
+        """Failed, dead and ignored events for the console's failure views."""
+        account = SELLERS[1][1]
+        count = 0
+        # Waits for a payout nobody knows yet: failed, retried with backoff, then dead.
+        unknown = stripe_events.payout_object("po_1DemoUnknownPayout01", status="paid",
+                                              created=self._ts(0.5))
+        count += self._deliver(stripe_events.payout_event(
+            "payout.paid", unknown, account=account, created=self._ts(0.5),
+            event_id="evt_1DemoUnknownPaid01"))
+        # The same wait, with its attempts used up long ago: dead.
+        gone = stripe_events.payout_object("po_1DemoVanishedPayout", status="failed",
+                                           created=self._ts(4),
+                                           **stripe_events.failed_payout_defaults())
+        event = stripe_events.payout_event("payout.failed", gone, account=account,
+                                           created=self._ts(4), event_id="evt_1DemoDeadFailed01")
+        if self._deliver(event, process=False):
+            WebhookEvent.objects.filter(stripe_event_id=event["id"]).update(
+                attempts=settings.WEBHOOK_MAX_ATTEMPTS)
+            event_process(event_id=WebhookEvent.objects.get(stripe_event_id=event["id"]).pk,
+                          trigger=WebhookEventAttempt.Trigger.WORKER, worker="seed_demo")
+            count += 1
+        # Not handled: stored and ignored.
+        obj = stripe_events.payout_object(f"po_1Demo0000{SELLERS[0][1][-6:]}", status="paid")
+        count += self._deliver(stripe_events.payout_event(
+            "payout.reconciliation_completed", obj, account=SELLERS[0][1],
+            created=self._ts(30), event_id="evt_1DemoReconciled01"))
+        count += self._past_failure()
+        return count
+
+    def _past_failure(self) -> int:
+        """A payout.paid whose processing failed earlier (as after a database outage),
+        waiting an hour for its next try: the one to replay from the console."""
+        payout = Payout.objects.filter(status="in_transit", seller__stripe_account_id=SELLERS[2][1]
+                                       ).order_by("created_at").first()
+        if payout is None:
+            return 0
+        obj = stripe_events.payout_object(payout.stripe_payout_id, status="paid",
+                                          amount=payout.amount, created=self._ts(1))
+        event = stripe_events.payout_event("payout.paid", obj, account=SELLERS[2][1],
+                                           created=self._ts(0.2), event_id="evt_1DemoReplayMe01")
+        if not self._deliver(event, process=False):
+            return 0
+        error = ("OperationalError: terminating connection due to administrator command "
+                 "(SQLSTATE 57P01)")
+        now = timezone.now()
+        stored = WebhookEvent.objects.get(stripe_event_id=event["id"])
+        WebhookEvent.objects.filter(pk=stored.pk).update(
+            status=WebhookEvent.Status.FAILED, last_error=error,
+            next_attempt_at=now + timedelta(hours=1))
+        WebhookEventAttempt.objects.create(
+            event=stored, trigger=WebhookEventAttempt.Trigger.INLINE, started_at=now,
+            finished_at=now, outcome=WebhookEventAttempt.Outcome.FAILED, reason=error,
+            error=error, status_after=WebhookEvent.Status.FAILED)
+        return 1

@@ -1,0 +1,152 @@
+"""Django admin: browse everything; stored Stripe bodies and logs are read-only evidence."""
+
+import json
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+
+from payouts.models import (
+    PaymentTransaction,
+    PaymentTransfer,
+    Payout,
+    PayoutItem,
+    Seller,
+    TransactionLog,
+    WebhookEvent,
+    WebhookEventAttempt,
+    WebhookRejection,
+)
+from payouts.services.processing import event_replay
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Seller)
+class SellerAdmin(admin.ModelAdmin):
+    list_display = ["name", "stripe_account_id", "created_at"]
+    search_fields = ["name", "stripe_account_id"]
+
+
+@admin.register(PaymentTransaction)
+class PaymentTransactionAdmin(admin.ModelAdmin):
+    list_display = ["id", "seller", "amount", "currency", "release_date", "payed_out",
+                    "actual_release_date"]
+    list_filter = ["payed_out", "currency"]
+    search_fields = ["seller__name", "seller__stripe_account_id"]
+    list_select_related = ["seller"]
+    raw_id_fields = ["seller"]
+
+
+@admin.register(PaymentTransfer)
+class PaymentTransferAdmin(admin.ModelAdmin):
+    list_display = ["id", "stripe_transfer_id", "payment_transaction", "amount", "status"]
+    list_filter = ["status"]
+    search_fields = ["stripe_transfer_id"]
+    raw_id_fields = ["payment_transaction"]
+
+
+class PayoutItemInline(admin.TabularInline):
+    model = PayoutItem
+    raw_id_fields = ["payment_transfer"]
+    extra = 0
+
+
+@admin.register(Payout)
+class PayoutAdmin(admin.ModelAdmin):
+    list_display = ["stripe_payout_id", "seller", "amount", "currency", "status", "failure_code",
+                    "arrival_date", "last_event_type", "last_event_created", "updated_at"]
+    list_filter = ["status", "failure_code", "currency"]
+    search_fields = ["stripe_payout_id", "seller__name", "seller__stripe_account_id"]
+    list_select_related = ["seller"]
+    raw_id_fields = ["seller"]
+    readonly_fields = ["last_event_id", "last_event_type", "last_event_created", "events_applied",
+                       "created_at", "updated_at"]
+    inlines = [PayoutItemInline]
+
+
+class AttemptInline(admin.TabularInline):
+    model = WebhookEventAttempt
+    fields = ["started_at", "trigger", "requested_by", "worker", "outcome", "reason",
+              "status_after", "error"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(WebhookEvent)
+class WebhookEventAdmin(admin.ModelAdmin):
+    list_display = ["stripe_event_id", "type", "status", "status_reason", "account",
+                    "stripe_object_id", "stripe_created", "attempts", "next_attempt_at",
+                    "received_at"]
+    list_filter = ["status", "type", "livemode"]
+    search_fields = ["stripe_event_id", "stripe_object_id", "account"]
+    date_hierarchy = "received_at"
+    actions = ["replay_selected"]
+    inlines = [AttemptInline]
+    readonly_fields = ["stripe_event_id", "type", "account", "livemode", "api_version",
+                       "stripe_created", "stripe_object_id", "body", "headers", "received_at",
+                       "status", "status_reason", "attempts", "next_attempt_at", "last_error",
+                       "processed_at"]
+    exclude = ["raw_body"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="body (as received)")
+    def body(self, obj: WebhookEvent) -> str:
+        text = bytes(obj.raw_body).decode("utf-8", errors="replace")
+        try:
+            text = json.dumps(json.loads(text), indent=2)
+        except ValueError:
+            pass
+        return format_html("<pre style='white-space: pre-wrap'>{}</pre>", text)
+
+    @admin.action(description="Replay selected events")
+    def replay_selected(self, request: HttpRequest, queryset: QuerySet[WebhookEvent]) -> None:
+        outcomes: dict[str, int] = {}
+        for event_id in queryset.values_list("pk", flat=True):
+            outcome = event_replay(event_id=event_id, requested_by=request.user)  # type: ignore[arg-type]
+            outcomes[outcome.kind] = outcomes.get(outcome.kind, 0) + 1
+        summary = ", ".join(f"{count} {kind}" for kind, count in sorted(outcomes.items()))
+        self.message_user(request, f"Replayed: {summary}", messages.SUCCESS)
+
+
+@admin.register(WebhookEventAttempt)
+class WebhookEventAttemptAdmin(ReadOnlyAdmin):
+    list_display = ["event", "trigger", "requested_by", "outcome", "reason", "status_after",
+                    "started_at"]
+    list_filter = ["trigger", "outcome"]
+    search_fields = ["event__stripe_event_id"]
+    list_select_related = ["event", "requested_by"]
+
+
+@admin.register(WebhookRejection)
+class WebhookRejectionAdmin(ReadOnlyAdmin):
+    list_display = ["reason", "count", "last_seen_at"]
+
+
+@admin.register(TransactionLog)
+class TransactionLogAdmin(ReadOnlyAdmin):
+    list_display = ["started_at", "operation", "isolation_level", "attempts", "sqlstates",
+                    "duration_ms", "outcome", "event", "payout"]
+    list_filter = ["outcome", "isolation_level", "operation"]
+    search_fields = ["operation", "event__stripe_event_id", "payout__stripe_payout_id"]
+    list_select_related = ["event", "payout"]
