@@ -1,5 +1,6 @@
 """Django admin: browse everything; stored Stripe bodies and logs are read-only evidence."""
 
+import contextlib
 import json
 from typing import Any
 
@@ -113,10 +114,8 @@ class WebhookEventAdmin(admin.ModelAdmin):
     @admin.display(description="body (as received)")
     def body(self, obj: WebhookEvent) -> str:
         text = bytes(obj.raw_body).decode("utf-8", errors="replace")
-        try:
+        with contextlib.suppress(ValueError):
             text = json.dumps(json.loads(text), indent=2)
-        except ValueError:
-            pass
         return format_html("<pre style='white-space: pre-wrap'>{}</pre>", text)
 
     @admin.action(description="Replay selected events")
