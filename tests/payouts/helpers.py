@@ -1,0 +1,128 @@
+"""Signed deliveries and a real server process for webhook tests."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from payouts import stripe_events
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"  # server logs, screenshots (git-ignored)
+SECRET = "whsec_test_current_secret"
+OLD_SECRET = "whsec_test_previous_secret"  # still accepted: a secret being rolled
+WEBHOOK_PATH = "/webhooks/stripe/"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def post(base_url: str, body: bytes, headers: dict[str, str] | None = None,
+         method: str = "POST", path: str = WEBHOOK_PATH) -> Answer:
+    """One request on its own connection (http.client sends the body exactly as given)."""
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return Answer(response.status, response.read(), dict(response.getheaders()))
+    finally:
+        conn.close()
+
+
+def deliver(base_url: str, event: dict[str, Any], *, secret: str = SECRET,
+            timestamp: int | None = None, body: bytes | None = None) -> Answer:
+    """Deliver ``event`` the way Stripe does: JSON body, Stripe-Signature header."""
+    body = body if body is not None else stripe_events.encode(event)
+    return post(base_url, body, {
+        "Content-Type": "application/json; charset=utf-8",
+        "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+        "Stripe-Signature": stripe_events.sign(body, secret, timestamp=timestamp),
+    })
+
+
+def server_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DJANGO_", "STRIPE_", "WEBHOOK_", "LOG_"))}
+    env.update({
+        "DATABASE_URL": database_url,
+        "STRIPE_WEBHOOK_SECRET": f"{SECRET},{OLD_SECRET}",
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "WARNING",
+        "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+        "WEBHOOK_RETRY_MAX_SECONDS": "1",
+        "WEBHOOK_LEASE_SECONDS": "3",
+    })
+    env.update(extra)
+    return env
+
+
+class Server:
+    """gunicorn serving the console in its own process, against the test database."""
+
+    def __init__(self, env: dict[str, str], *, workers: int = 2, threads: int = 8) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log = open(ARTIFACTS / f"gunicorn-{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "console.wsgi:application",
+             "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
+             "--threads", str(threads), "--worker-class", "gthread", "--timeout", "60"],
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited; see {self.log.name}")
+            try:
+                post(self.url, b"", method="GET", path="/login/")
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("gunicorn did not start in time")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def run_worker(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`manage.py process_webhooks` in its own process (``--once`` to drain and exit)."""
+    return subprocess.run([sys.executable, "manage.py", "process_webhooks", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "manage.py", "process_webhooks", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
