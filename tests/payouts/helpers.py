@@ -117,7 +117,9 @@ class Server:
         self.log.close()
 
 
-def run_worker(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_worker(
+    env: dict[str, str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """`manage.py process_webhooks` in its own process (``--once`` to drain and exit)."""
     return subprocess.run([sys.executable, "manage.py", "process_webhooks", *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
