@@ -88,6 +88,7 @@ class Payout(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        permissions = [("view_health", "Can view payout health")]
         indexes = [
             models.Index(fields=["status", "-created_at"]),
             models.Index(fields=["seller", "-created_at"]),

@@ -41,6 +41,7 @@ class WebhookEvent(models.Model):
     processed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        permissions = [("replay_webhookevent", "Can replay webhook events")]
         indexes = [
             # The worker's claim: due events in order.
             models.Index(fields=["next_attempt_at"], condition=Q(status__in=["received", "failed"]),
