@@ -6,6 +6,14 @@ from console import views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("payouts/", views.payout_list, name="payout-list"),
+    path("payouts/<int:pk>/", views.payout_detail, name="payout-detail"),
+    path("events/", views.event_list, name="event-list"),
+    path("events/replay/", views.event_bulk_replay, name="event-bulk-replay"),
+    path("events/<int:pk>/", views.event_detail, name="event-detail"),
+    path("events/<int:pk>/replay/", views.event_replay_view, name="event-replay"),
+    path("transactions/", views.transaction_logs, name="transaction-logs"),
+    path("health/", views.health, name="health"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -1,10 +1,204 @@
-from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
-from django.views.decorators.http import require_GET
+"""The staff console. Views check permissions, call one selector or service, render.
+
+Pages work without JavaScript for reading; with htmx, filters, sorting and
+pages swap only the results (the address bar kept true with hx-push-url), and
+a replay swaps its table row in place.
+"""
+
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required, permission_required
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.middleware import HtmxDetails
+from django_tables2 import RequestConfig
+
+from console import charts
+from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
+from console.tables import EventTable, PayoutTable, TransactionLogTable
+from payouts import selectors
+from payouts.models import Payout, TransactionLog, WebhookEvent
+from payouts.services.processing import event_replay
+
+log = structlog.get_logger(__name__)
+
+PER_PAGE = 25
+BULK_REPLAY_LIMIT = 500  # per request, so one click cannot hold a worker for minutes
+
+
+class HtmxHttpRequest(HttpRequest):
+    htmx: HtmxDetails
+
+
+def _page(request: HtmxHttpRequest, template: str, context: dict[str, Any],
+          partial: str = "results") -> HttpResponse:
+    """The whole page, or for htmx only the part it swaps."""
+    if request.htmx and not request.htmx.history_restore_request:
+        template = f"{template}#{partial}"
+    return render(request, template, context)
 
 
 @require_GET
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    return render(request, "console/home.html")
+    if request.user.has_perm("payouts.view_payout"):
+        return redirect("payout-list")
+    return redirect("health")
+
+
+# --- payouts -------------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_payout", raise_exception=True)
+def payout_list(request: HtmxHttpRequest) -> HttpResponse:
+    filters = PayoutFilter(request.GET, queryset=selectors.payout_list())
+    table = PayoutTable(filters.qs)
+    RequestConfig(request, paginate={"per_page": PER_PAGE}).configure(table)
+    return _page(request, "console/payouts.html", {"filter": filters, "table": table})
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_payout", raise_exception=True)
+def payout_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    payout = get_object_or_404(selectors.payout_list(), pk=pk)
+    return render(request, "console/payout_detail.html", {
+        "payout": payout,
+        "items": selectors.payout_items(payout),
+        "timeline": selectors.payout_timeline(payout),
+    })
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+def _event_table(request: HttpRequest, queryset: QuerySet[WebhookEvent]) -> EventTable:
+    table = EventTable(queryset)
+    RequestConfig(request, paginate={"per_page": PER_PAGE}).configure(table)
+    return table
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_webhookevent", raise_exception=True)
+def event_list(request: HtmxHttpRequest) -> HttpResponse:
+    filters = EventFilter(request.GET, queryset=selectors.event_list())
+    return _page(request, "console/events.html", {
+        "filter": filters,
+        "table": _event_table(request, filters.qs),
+        "failed_count": selectors.failed_event_count(),
+    })
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_webhookevent", raise_exception=True)
+def event_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    event = get_object_or_404(WebhookEvent, pk=pk)
+    return render(request, "console/event_detail.html", {
+        "event": event,
+        "payload": selectors.event_payload_pretty(event),
+        "attempts": selectors.event_attempts(event),
+        "transaction_logs": event.transaction_logs.order_by("started_at"),
+        "payout": Payout.objects.filter(stripe_payout_id=event.stripe_object_id).first()
+        if event.stripe_object_id else None,
+    })
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def event_replay_view(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    event = get_object_or_404(WebhookEvent, pk=pk)
+    outcome = event_replay(event_id=event.pk, requested_by=request.user)  # type: ignore[arg-type]
+    if request.htmx:
+        table = EventTable(selectors.event_list().filter(pk=event.pk))
+        return render(request, "console/_events_table.html#event-row",
+                      {"row": table.rows[0], "table": table, "replayed": outcome})
+    messages.info(request, f"{event.stripe_event_id}: {outcome.kind} ({outcome.reason})")
+    return HttpResponseRedirect(request.POST.get("next") or reverse("event-detail", args=[pk]))
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def event_bulk_replay(request: HtmxHttpRequest) -> HttpResponse:
+    if request.POST.get("all_failed"):
+        ids = list(WebhookEvent.objects.filter(status=WebhookEvent.Status.FAILED)
+                   .order_by("received_at").values_list("pk", flat=True)[:BULK_REPLAY_LIMIT])
+    else:
+        ids = [int(v) for v in request.POST.getlist("event_ids") if v.isdigit()]
+        ids = ids[:BULK_REPLAY_LIMIT]
+    tally: dict[str, int] = {}
+    for event_id in ids:
+        outcome = event_replay(event_id=event_id, requested_by=request.user)  # type: ignore[arg-type]
+        tally[outcome.kind] = tally.get(outcome.kind, 0) + 1
+    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(tally.items())) or "nothing selected"
+    log.info("console.bulk_replay", user=request.user.get_username(), events=len(ids),
+             outcomes=tally)
+    messages.success(request, f"Replayed {len(ids)} event(s): {summary}")
+    return HttpResponseRedirect(request.POST.get("next") or reverse("event-list"))
+
+
+# --- transaction logs -------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_transactionlog", raise_exception=True)
+def transaction_logs(request: HtmxHttpRequest) -> HttpResponse:
+    window = request.GET.get("window", "24h")
+    if window not in selectors.WINDOWS:
+        window = "24h"
+    since = timezone.now() - selectors.WINDOWS[window]
+    queryset = TransactionLog.objects.filter(started_at__gte=since).select_related("event")
+    filters = TransactionLogFilter(request.GET, queryset=queryset,
+                                   operations=selectors.transaction_operations())
+    table = TransactionLogTable(filters.qs)
+    RequestConfig(request, paginate={"per_page": PER_PAGE}).configure(table)
+    return _page(request, "console/transaction_logs.html", {
+        "filter": filters, "table": table, "window": window, "windows": selectors.WINDOWS,
+        "window_param": [("window", window)],
+        "stats": selectors.transaction_stats(since),
+    })
+
+
+# --- health --------------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_health", raise_exception=True)
+def health(request: HtmxHttpRequest) -> HttpResponse:
+    now = timezone.now()
+    day, month = now - timedelta(hours=23), now - timedelta(days=30)
+    stuck_count, stuck = selectors.stuck_in_transit(limit=5)
+    hourly = selectors.retries_over_time(day)
+    return _page(request, "console/health.html", {
+        "by_status": selectors.payouts_by_status(),
+        "failure_codes": selectors.failure_codes(month),
+        "seller_failures": selectors.seller_failure_rates(month),
+        "stuck_count": stuck_count,
+        "stuck": stuck,
+        "backlog": selectors.event_backlog(),
+        "rejections": selectors.rejections(),
+        "latency": selectors.processing_latency(day),
+        "retries_chart": charts.bar_chart(
+            [(f"{p['at']:%H:00}", p["retries"]) for p in hourly], label="retries per hour"),
+        "deadlocks_chart": charts.bar_chart(
+            [(f"{p['at']:%H:00}", p["deadlocks"]) for p in hourly], label="deadlocks per hour"),
+        "transactions_chart": charts.bar_chart(
+            [(f"{p['at']:%H:00}", p["transactions"]) for p in hourly],
+            label="transactions per hour"),
+        "generated_at": now,
+    }, partial="health-panels")
+

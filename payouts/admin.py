@@ -1,7 +1,5 @@
 """Django admin: browse everything; stored Stripe bodies and logs are read-only evidence."""
 
-import contextlib
-import json
 from typing import Any
 
 from django.contrib import admin, messages
@@ -9,6 +7,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from payouts import selectors
 from payouts.models import (
     PaymentTransaction,
     PaymentTransfer,
@@ -113,12 +112,13 @@ class WebhookEventAdmin(admin.ModelAdmin):
 
     @admin.display(description="body (as received)")
     def body(self, obj: WebhookEvent) -> str:
-        text = bytes(obj.raw_body).decode("utf-8", errors="replace")
-        with contextlib.suppress(ValueError):
-            text = json.dumps(json.loads(text), indent=2)
-        return format_html("<pre style='white-space: pre-wrap'>{}</pre>", text)
+        return format_html("<pre style='white-space: pre-wrap'>{}</pre>",
+                           selectors.event_payload_pretty(obj))
 
-    @admin.action(description="Replay selected events")
+    def has_replay_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("payouts.replay_webhookevent")
+
+    @admin.action(description="Replay selected events", permissions=["replay"])
     def replay_selected(self, request: HttpRequest, queryset: QuerySet[WebhookEvent]) -> None:
         outcomes: dict[str, int] = {}
         for event_id in queryset.values_list("pk", flat=True):

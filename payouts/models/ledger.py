@@ -2,6 +2,7 @@
 
 from django.db import models
 from django.db.models import Q
+from django.urls import reverse
 
 
 class Seller(models.Model):
@@ -101,6 +102,9 @@ class Payout(models.Model):
 
     def __str__(self) -> str:
         return self.stripe_payout_id or f"payout {self.pk}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("payout-detail", args=[self.pk])
 
 
 class PayoutItem(models.Model):

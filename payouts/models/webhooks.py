@@ -3,6 +3,7 @@
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.urls import reverse
 
 
 class WebhookEvent(models.Model):
@@ -55,6 +56,9 @@ class WebhookEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.stripe_event_id} ({self.type})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("event-detail", args=[self.pk])
 
 
 class WebhookEventAttempt(models.Model):

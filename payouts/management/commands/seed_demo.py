@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Group, User
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
@@ -33,8 +33,10 @@ DAY = 86400
 
 # Demo logins for a local console; `make run` prints them.
 DEMO_USERS = [
-    # username, password, superuser
-    ("admin", "admin-demo-password", True),
+    # username, password, role (a group, or superuser)
+    ("support", "support-demo-password", "Support"),
+    ("manager", "manager-demo-password", "Managers"),
+    ("admin", "admin-demo-password", "superuser"),
 ]
 
 SELLERS = [
@@ -66,11 +68,13 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         self.base = datetime.combine(date.today(), time(), tzinfo=UTC)  # midnight UTC today
         with transaction.atomic():
-            for username, password, superuser in DEMO_USERS:
+            for username, password, role in DEMO_USERS:
                 user, _ = User.objects.get_or_create(username=username)
-                user.is_staff = user.is_superuser = superuser
+                user.is_staff = user.is_superuser = role == "superuser"
                 user.set_password(password)
                 user.save()
+                if role != "superuser":
+                    user.groups.set([Group.objects.get(name=role)])
         processed = 0
         for s, (name, account) in enumerate(SELLERS):
             seller, _ = Seller.objects.get_or_create(stripe_account_id=account,
@@ -81,9 +85,8 @@ class Command(BaseCommand):
         processed += self._troubled_events()
         self.stdout.write(f"Demo data ready ({processed} new events processed).")
         self.stdout.write("Demo logins (local demo only):")
-        for username, password, superuser in DEMO_USERS:
-            self.stdout.write(f"  {username} / {password}"
-                              f"  ({'superuser' if superuser else 'staff'})")
+        for username, password, role in DEMO_USERS:
+            self.stdout.write(f"  {username} / {password}  ({role})")
 
     def _ts(self, days_ago: float) -> int:
         return int((self.base - timedelta(days=days_ago)).timestamp())
@@ -108,6 +111,7 @@ class Command(BaseCommand):
         payout = Payout.objects.create(
             seller=seller, stripe_payout_id=payout_id, amount=sum(amounts), currency="usd",
             status="pending", metadata={"payout_console_id": f"demo-{s}-{p}"})
+        Payout.objects.filter(pk=payout.pk).update(created_at=released_at)  # as if made then
         for k, amount in enumerate(amounts):
             txn = PaymentTransaction.objects.create(
                 seller=seller, amount=amount, currency="usd",

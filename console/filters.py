@@ -1,0 +1,76 @@
+"""Filters for the console lists (django-filter): every field is also a plain GET parameter."""
+
+from typing import Any
+
+import django_filters
+from django import forms
+from django.db.models import Q, QuerySet
+
+from payouts.models import Payout, TransactionLog, WebhookEvent
+
+DATE = forms.DateInput(attrs={"type": "date"})
+
+
+class PayoutFilter(django_filters.FilterSet):
+    q = django_filters.CharFilter(method="search", label="Search",
+                                  help_text="po_…, acct_… or seller name")
+    status = django_filters.ChoiceFilter(choices=Payout.Status.choices, empty_label="any status")
+    failure_code = django_filters.CharFilter(label="Failure code")
+    created_after = django_filters.DateFilter(field_name="created_at", lookup_expr="date__gte",
+                                              label="Created from", widget=DATE)
+    created_before = django_filters.DateFilter(field_name="created_at", lookup_expr="date__lte",
+                                               label="to", widget=DATE)
+
+    class Meta:
+        model = Payout
+        fields = ["q", "status", "failure_code", "created_after", "created_before"]
+
+    def search(self, queryset: QuerySet[Payout], name: str, value: str) -> QuerySet[Payout]:
+        value = value.strip()
+        if value.startswith("po_"):
+            return queryset.filter(stripe_payout_id__startswith=value)
+        if value.startswith("acct_"):
+            return queryset.filter(seller__stripe_account_id__startswith=value)
+        return queryset.filter(seller__name__icontains=value)
+
+
+class EventFilter(django_filters.FilterSet):
+    q = django_filters.CharFilter(method="search", label="Search", help_text="evt_… or po_…")
+    status = django_filters.ChoiceFilter(choices=WebhookEvent.Status.choices,
+                                         empty_label="any status")
+    type = django_filters.CharFilter(label="Type", lookup_expr="exact")
+    account = django_filters.CharFilter(label="Account", lookup_expr="exact")
+    received_after = django_filters.DateFilter(field_name="received_at", lookup_expr="date__gte",
+                                               label="Received from", widget=DATE)
+    received_before = django_filters.DateFilter(field_name="received_at",
+                                                lookup_expr="date__lte", label="to", widget=DATE)
+
+    class Meta:
+        model = WebhookEvent
+        fields = ["q", "status", "type", "account", "received_after", "received_before"]
+
+    def search(self, queryset: QuerySet[WebhookEvent], name: str,
+               value: str) -> QuerySet[WebhookEvent]:
+        value = value.strip()
+        return queryset.filter(Q(stripe_event_id__startswith=value)
+                               | Q(stripe_object_id__startswith=value))
+
+
+class TransactionLogFilter(django_filters.FilterSet):
+    operation = django_filters.ChoiceFilter(choices=[], empty_label="any operation")
+    outcome = django_filters.ChoiceFilter(
+        choices=[("committed", "committed"), ("rolled_back", "rolled back"),
+                 ("retries_exhausted", "retries exhausted")], empty_label="any outcome")
+    isolation_level = django_filters.ChoiceFilter(
+        choices=[(v, v) for v in ("serializable", "repeatable read", "read committed")],
+        empty_label="any level")
+    min_duration_ms = django_filters.NumberFilter(field_name="duration_ms", lookup_expr="gte",
+                                                  label="Min duration (ms)")
+
+    class Meta:
+        model = TransactionLog
+        fields = ["operation", "outcome", "isolation_level", "min_duration_ms"]
+
+    def __init__(self, *args: Any, operations: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.filters["operation"].extra["choices"] = [(op, op) for op in operations]

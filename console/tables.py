@@ -1,0 +1,106 @@
+"""django-tables2 tables of the console."""
+
+from typing import Any
+
+import django_tables2 as tables
+from django.urls import reverse
+from django.utils.html import format_html
+
+from payouts.models import Payout, TransactionLog, WebhookEvent
+
+
+def money(amount: int | None, currency: str) -> str:
+    if amount is None:
+        return "—"
+    return f"{amount / 100:,.2f} {currency.upper()}"
+
+
+def status_badge(value: str) -> str:
+    return format_html('<span class="badge badge-{}">{}</span>', value, value.replace("_", " "))
+
+
+class PayoutTable(tables.Table):
+    stripe_payout_id = tables.Column(verbose_name="Payout", linkify=True,
+                                     attrs={"td": {"class": "mono"}})
+    seller = tables.Column(accessor="seller__name", verbose_name="Seller",
+                           order_by=("seller__name",), default="platform")
+    amount = tables.Column()
+    status = tables.Column()
+    failure_code = tables.Column(verbose_name="Failure")
+    arrival_date = tables.DateTimeColumn(format="Y-m-d", verbose_name="Arrival")
+    last_event_type = tables.Column(verbose_name="Last event")
+    created_at = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Created")
+
+    class Meta:
+        model = Payout
+        fields = ["stripe_payout_id", "seller", "amount", "status", "failure_code",
+                  "arrival_date", "last_event_type", "created_at"]
+        order_by = "-created_at"
+        attrs = {"class": "table", "id": "payouts-table"}
+
+    def render_amount(self, value: int, record: Payout) -> str:
+        return money(value, record.currency)
+
+    def render_status(self, record: Any) -> str:
+        return status_badge(record.status)  # the code, not the choice's label
+
+
+class EventTable(tables.Table):
+    select = tables.CheckBoxColumn(accessor="pk", attrs={
+        "th__input": {"aria-label": "select all", "data-select-all": "event_ids"},
+        "td__input": {"name": "event_ids", "form": "bulk-replay"}}, orderable=False)
+    stripe_event_id = tables.Column(verbose_name="Event", linkify=True,
+                                    attrs={"td": {"class": "mono"}})
+    type = tables.Column()
+    status = tables.Column()
+    status_reason = tables.Column(verbose_name="Why", orderable=False)
+    account = tables.Column(attrs={"td": {"class": "mono"}})
+    stripe_object_id = tables.Column(verbose_name="Object", attrs={"td": {"class": "mono"}})
+    stripe_created = tables.DateTimeColumn(format="Y-m-d H:i:s", verbose_name="Created")
+    attempts = tables.Column()
+    replay = tables.TemplateColumn(template_name="console/_replay_button.html",
+                                   orderable=False, verbose_name="")
+
+    class Meta:
+        model = WebhookEvent
+        fields = ["select", "stripe_event_id", "type", "status", "status_reason", "account",
+                  "stripe_object_id", "stripe_created", "attempts", "replay"]
+        order_by = "-received_at"
+        attrs = {"class": "table", "id": "events-table"}
+        row_attrs = {"id": lambda record: f"event-{record.pk}"}
+        template_name = "console/_events_table.html"
+
+    def render_status(self, record: Any) -> str:
+        return status_badge(record.status)  # the code, not the choice's label
+
+
+class TransactionLogTable(tables.Table):
+    started_at = tables.DateTimeColumn(format="Y-m-d H:i:s", verbose_name="Started")
+    operation = tables.Column()
+    isolation_level = tables.Column(verbose_name="Isolation")
+    attempts = tables.Column()
+    sqlstates = tables.Column(verbose_name="SQLSTATEs", orderable=False)
+    duration_ms = tables.Column(verbose_name="Duration")
+    outcome = tables.Column()
+    event = tables.Column(accessor="event__stripe_event_id", verbose_name="Event",
+                          orderable=False, default="")
+
+    class Meta:
+        model = TransactionLog
+        fields = ["started_at", "operation", "isolation_level", "attempts", "sqlstates",
+                  "duration_ms", "outcome", "event"]
+        order_by = "-started_at"
+        attrs = {"class": "table", "id": "txlogs-table"}
+
+    def render_sqlstates(self, value: list[str]) -> str:
+        return ", ".join(value) or "—"
+
+    def render_duration_ms(self, value: float) -> str:
+        return f"{value:,.1f} ms"
+
+    def render_outcome(self, record: TransactionLog) -> str:
+        return status_badge(record.outcome)
+
+    def render_event(self, value: str, record: TransactionLog) -> Any:
+        url = reverse("event-detail", args=[record.event_id])
+        return format_html('<a class="mono" href="{}">{}</a>', url, value)

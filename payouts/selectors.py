@@ -1,0 +1,211 @@
+"""Reads for the console: one function per question, aggregated in the database."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connection
+from django.db.models import Count, Prefetch, Q, QuerySet, Sum
+from django.utils import timezone
+
+from payouts.models import (
+    Payout,
+    PayoutItem,
+    TransactionLog,
+    WebhookEvent,
+    WebhookEventAttempt,
+    WebhookRejection,
+)
+
+
+def payout_list() -> QuerySet[Payout]:
+    return Payout.objects.select_related("seller")
+
+
+def payout_items(payout: Payout) -> QuerySet[PayoutItem]:
+    return (PayoutItem.objects.filter(payout=payout).order_by("id")
+            .select_related("payment_transfer__payment_transaction"))
+
+
+def payout_timeline(payout: Payout) -> QuerySet[WebhookEvent]:
+    """Every event for the payout in Stripe ``created`` order, with attempts and logs."""
+    if not payout.stripe_payout_id:
+        return WebhookEvent.objects.none()
+    return (WebhookEvent.objects.filter(stripe_object_id=payout.stripe_payout_id)
+            .order_by("stripe_created", "id")
+            .defer("raw_body")
+            .prefetch_related(
+                Prefetch("attempts_log",
+                         queryset=WebhookEventAttempt.objects.select_related("requested_by")),
+                Prefetch("transaction_logs",
+                         queryset=TransactionLog.objects.order_by("started_at")),
+            ))
+
+
+def event_list() -> QuerySet[WebhookEvent]:
+    return WebhookEvent.objects.defer("raw_body", "headers")
+
+
+def event_payload_pretty(event: WebhookEvent) -> str:
+    """The stored body, indented for reading (as received if it is somehow not JSON)."""
+    text = bytes(event.raw_body).decode("utf-8", errors="replace")
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        return text
+
+
+def event_attempts(event: WebhookEvent) -> QuerySet[WebhookEventAttempt]:
+    return event.attempts_log.select_related("requested_by").order_by("started_at", "id")
+
+
+def failed_event_count() -> int:
+    return WebhookEvent.objects.filter(status=WebhookEvent.Status.FAILED).count()
+
+
+# --- transaction logs ----------------------------------------------------------------
+
+WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7),
+           "30d": timedelta(days=30)}
+
+
+@dataclass(frozen=True)
+class OperationStats:
+    operation: str
+    transactions: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    retry_rate: float  # share of transactions that needed more than one attempt
+    serialization_failures: int  # 40001 seen, over all attempts
+    deadlocks: int  # 40P01 seen
+    failed: int  # not committed in the end
+
+
+def transaction_stats(since: datetime) -> list[OperationStats]:
+    table = TransactionLog._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT operation, count(*),
+                   percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY duration_ms),
+                   avg((attempts > 1)::int),
+                   coalesce(sum(cardinality(array_positions(sqlstates, '40001'))), 0),
+                   coalesce(sum(cardinality(array_positions(sqlstates, '40P01'))), 0),
+                   count(*) FILTER (WHERE outcome <> 'committed')
+            FROM {table}
+            WHERE started_at >= %s
+            GROUP BY operation
+            ORDER BY count(*) DESC
+            """,
+            [since],
+        )
+        return [
+            OperationStats(op, n, pct[0], pct[1], pct[2], float(retry), int(ser), int(dead),
+                           failed)
+            for op, n, pct, retry, ser, dead, failed in cursor.fetchall()
+        ]
+
+
+def transaction_operations() -> list[str]:
+    return list(TransactionLog.objects.order_by().values_list("operation", flat=True).distinct())
+
+
+# --- health ----------------------------------------------------------------------------
+
+
+def payouts_by_status() -> list[dict[str, Any]]:
+    return list(Payout.objects.order_by().values("status", "currency")
+                .annotate(count=Count("id"), amount=Sum("amount")).order_by("status", "currency"))
+
+
+def failure_codes(since: datetime) -> list[dict[str, Any]]:
+    """Failed payouts per failure code, as a share of the payouts created in the window."""
+    total = Payout.objects.filter(created_at__gte=since).count() or 1
+    rows = (Payout.objects.filter(created_at__gte=since, status=Payout.Status.FAILED)
+            .order_by().values("failure_code").annotate(count=Count("id")).order_by("-count"))
+    return [{**row, "rate": row["count"] / total} for row in rows]
+
+
+def seller_failure_rates(since: datetime, limit: int = 10) -> list[dict[str, Any]]:
+    rows = (Payout.objects.filter(created_at__gte=since, seller__isnull=False).order_by()
+            .values("seller__name", "seller__stripe_account_id")
+            .annotate(total=Count("id"), failed=Count("id", filter=Q(status="failed")))
+            .filter(failed__gt=0).order_by("-failed", "-total")[:limit])
+    return [{**row, "rate": row["failed"] / row["total"]} for row in rows]
+
+
+def stuck_in_transit(limit: int = 20) -> tuple[int, list[Payout]]:
+    stuck = Payout.objects.filter(status=Payout.Status.IN_TRANSIT,
+                                  arrival_date__lt=timezone.now())
+    return stuck.count(), list(stuck.select_related("seller").order_by("arrival_date")[:limit])
+
+
+@dataclass(frozen=True)
+class Backlog:
+    pending: int  # received or failed, waiting for (re)processing
+    due: int  # of those, due now
+    oldest_due_age_s: float | None
+    dead: int
+
+
+def event_backlog() -> Backlog:
+    now = timezone.now()
+    pending = WebhookEvent.objects.filter(status__in=WebhookEvent.PENDING)
+    due = pending.filter(next_attempt_at__lte=now)
+    oldest = due.order_by("received_at").values_list("received_at", flat=True).first()
+    return Backlog(
+        pending=pending.count(), due=due.count(),
+        oldest_due_age_s=(now - oldest).total_seconds() if oldest else None,
+        dead=WebhookEvent.objects.filter(status=WebhookEvent.Status.DEAD).count(),
+    )
+
+
+def rejections() -> QuerySet[WebhookRejection]:
+    return WebhookRejection.objects.order_by("-count")
+
+
+def processing_latency(since: datetime) -> dict[str, float] | None:
+    """Seconds from receipt to a final outcome, for events settled in the window."""
+    table = WebhookEvent._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT count(*), percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
+                   (ORDER BY extract(epoch FROM processed_at - received_at))
+            FROM {table} WHERE processed_at >= %s
+            """,
+            [since],
+        )
+        count, pct = cursor.fetchone()
+    if not count:
+        return None
+    return {"count": count, "p50": pct[0], "p95": pct[1], "p99": pct[2]}
+
+
+def retries_over_time(since: datetime) -> list[dict[str, Any]]:
+    """Per hour since ``since`` (empty hours included): transactions, retries (extra
+    attempts) and deadlocks seen."""
+    table = TransactionLog._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH hours AS (
+                SELECT generate_series(date_trunc('hour', %(since)s::timestamptz),
+                                       date_trunc('hour', now()), interval '1 hour') AS at
+            ), seen AS (
+                SELECT date_trunc('hour', started_at) AS at, count(*) AS n,
+                       sum(attempts - 1) AS retries,
+                       sum(cardinality(array_positions(sqlstates, '40P01'))) AS deadlocks
+                FROM {table} WHERE started_at >= %(since)s GROUP BY 1
+            )
+            SELECT hours.at, coalesce(n, 0), coalesce(retries, 0), coalesce(deadlocks, 0)
+            FROM hours LEFT JOIN seen USING (at) ORDER BY hours.at
+            """,
+            {"since": since},
+        )
+        return [{"at": at, "transactions": n, "retries": int(r), "deadlocks": int(d)}
+                for at, n, r, d in cursor.fetchall()]
