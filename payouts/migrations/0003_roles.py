@@ -1,15 +1,9 @@
-"""The two staff roles, as groups: Support (view everything, replay) and Managers (view, health)."""
+"""The two staff roles, as groups (see payouts/roles.py)."""
 
 from django.contrib.auth.management import create_permissions
 from django.db import migrations
 
-VIEW = ["view_seller", "view_paymenttransaction", "view_paymenttransfer", "view_payout",
-        "view_payoutitem", "view_webhookevent", "view_webhookeventattempt",
-        "view_webhookrejection", "view_transactionlog", "view_health"]
-ROLES = {
-    "Support": [*VIEW, "replay_webhookevent"],
-    "Managers": VIEW,
-}
+from payouts.roles import ROLES, ensure_roles
 
 
 def create_roles(apps, schema_editor):
@@ -18,14 +12,7 @@ def create_roles(apps, schema_editor):
         app_config.models_module = True
         create_permissions(app_config, apps=apps, verbosity=0)
         app_config.models_module = None
-    Group = apps.get_model("auth", "Group")
-    Permission = apps.get_model("auth", "Permission")
-    for name, codenames in ROLES.items():
-        group, _ = Group.objects.get_or_create(name=name)
-        permissions = Permission.objects.filter(content_type__app_label="payouts",
-                                                codename__in=codenames)
-        assert permissions.count() == len(codenames), f"missing permissions for {name}"
-        group.permissions.set(permissions)
+    ensure_roles(apps.get_model("auth", "Group"), apps.get_model("auth", "Permission"))
 
 
 def remove_roles(apps, schema_editor):

@@ -76,35 +76,49 @@ def _check_signature(text: str, header: str, secrets: list[str]) -> None:
     raise Rejected("bad_signature", "no signature matches a configured secret")
 
 
+MAX_UNIX_TIME = 253402300799  # 9999-12-31T23:59:59Z, the last second a datetime can hold
+
+
+def _storable_text(value: Any, max_length: int, prefix: str = "") -> bool:
+    """A string PostgreSQL can store in a text column: no NUL, no lone surrogate."""
+    if not (isinstance(value, str) and value.startswith(prefix) and len(value) <= max_length):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
 def _event_shape_problem(payload: Any) -> str | None:
     """What makes ``payload`` not a Stripe v1 event we can store, or None."""
     if not isinstance(payload, dict):
         return "the JSON is not an object"
     if payload.get("object") != "event":
         return f"object is {payload.get('object')!r}, not 'event'"
-    event_id, event_type, created = payload.get("id"), payload.get("type"), payload.get("created")
-    if not (isinstance(event_id, str) and event_id.startswith("evt_") and len(event_id) <= 255):
+    event_type, created = payload.get("type"), payload.get("created")
+    if not _storable_text(payload.get("id"), 255, prefix="evt_"):
         return "id is not an evt_ id"
-    if not (isinstance(event_type, str) and 0 < len(event_type) <= 100):
+    if not (_storable_text(event_type, 100) and event_type):
         return "type is missing"
-    if not isinstance(created, int) or isinstance(created, bool) or created <= 0:
+    if (not isinstance(created, int) or isinstance(created, bool)
+            or not 0 < created <= MAX_UNIX_TIME):
         return "created is not a Unix time"
     for field in ("account", "api_version"):
         value = payload.get(field)
-        if value is not None and not (isinstance(value, str) and len(value) <= 64):
+        if value is not None and not _storable_text(value, 64):
             return f"{field} is not a string"
     if not isinstance(payload.get("livemode", False), bool):
         return "livemode is not a boolean"
     data = payload.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         return "data.object is missing"
+    obj = data["object"]
     if event_type.startswith("payout."):
-        obj = data["object"]
-        payout_id = obj.get("id")
-        if obj.get("object") != "payout" or not (
-            isinstance(payout_id, str) and payout_id.startswith("po_") and len(payout_id) <= 64
-        ):
+        if obj.get("object") != "payout" or not _storable_text(obj.get("id"), 64, prefix="po_"):
             return "a payout event without a payout (po_) in data.object"
+    elif obj.get("id") is not None and not _storable_text(obj.get("id"), 255):
+        return "data.object.id is not a string"
     return None
 
 
@@ -150,7 +164,7 @@ def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], 
             """,
             [payload["id"], payload["type"], payload.get("account") or "",
              bool(payload.get("livemode", False)), payload.get("api_version") or "", created,
-             str(obj.get("id", ""))[:255], body, json.dumps(headers),
+             obj.get("id") or "", body, json.dumps(headers),
              1 if lease_s > 0 else 0, due],
         )
         row = cursor.fetchone()

@@ -11,12 +11,13 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import Group, Permission, User
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
 
 from payouts import stripe_events
+from payouts.roles import ensure_roles
 from payouts.models import (
     PaymentTransaction,
     PaymentTransfer,
@@ -68,6 +69,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         self.base = datetime.combine(date.today(), time(), tzinfo=UTC)  # midnight UTC today
         with transaction.atomic():
+            ensure_roles(Group, Permission)
             for username, password, role in DEMO_USERS:
                 user, _ = User.objects.get_or_create(username=username)
                 user.is_staff = user.is_superuser = role == "superuser"

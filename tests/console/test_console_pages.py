@@ -1,0 +1,152 @@
+"""Every console page, for every role, on the demo data: who may see what.
+
+The demo data is loaded once for the module (committed); each test runs in a
+transaction rolled back at its end, so tests only read it. Replays, which
+write, are tested in test_console_replay.py.
+"""
+
+import io
+from collections.abc import Iterator
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
+
+from payouts.models import Payout, WebhookEvent
+
+pytestmark = pytest.mark.django_db
+
+PASSWORD = "a long enough password"
+
+
+@pytest.fixture(scope="module")
+def demo(django_db_setup: None, django_db_blocker) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    with django_db_blocker.unblock():
+        call_command("flush", interactive=False)
+        call_command("seed_demo", stdout=io.StringIO())
+    yield
+    with django_db_blocker.unblock():
+        call_command("flush", interactive=False)
+
+
+def client_for(role: str | None) -> Client:
+    """A logged-in client: role is a group name, "superuser", or None (no group at all)."""
+    user = User.objects.create_user(f"user-{role}", password=PASSWORD,
+                                    is_superuser=role == "superuser",
+                                    is_staff=role == "superuser")
+    if role not in (None, "superuser"):
+        user.groups.add(Group.objects.get(name=role))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def pages() -> list[str]:
+    payout = Payout.objects.filter(status="failed").first()
+    event = WebhookEvent.objects.filter(status="failed").first()
+    assert payout and event
+    return [reverse("payout-list"), reverse("payout-detail", args=[payout.pk]),
+            reverse("event-list"), reverse("event-detail", args=[event.pk]),
+            reverse("transaction-logs"), reverse("health")]
+
+
+@pytest.mark.parametrize("role", ["Support", "Managers", "superuser"])
+def test_every_page_renders_for_each_role(demo, role):
+    client = client_for(role)
+    for url in pages():
+        response = client.get(url)
+        assert response.status_code == 200, url
+
+
+def test_anonymous_users_are_sent_to_login(demo):
+    for url in pages():
+        response = Client().get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/login/"), url
+
+
+def test_a_user_without_a_role_sees_nothing(demo):
+    client = client_for(None)
+    for url in pages():
+        assert client.get(url).status_code == 403, url
+
+
+def test_the_replay_button_shows_for_support_only(demo):
+    url = reverse("event-list") + "?status=failed"
+    support_page = client_for("Support").get(url).content
+    assert b"Replay selected" in support_page and b">Replay</button>" in support_page
+    manager_page = client_for("Managers").get(url).content
+    assert b"Replay selected" not in manager_page and b">Replay</button>" not in manager_page
+
+
+def test_payout_filters_and_search(demo):
+    client = client_for("Support")
+    failed = client.get(reverse("payout-list"), {"status": "failed"})
+    assert failed.context["table"].paginator.count == Payout.objects.filter(status="failed").count()
+    by_account = client.get(reverse("payout-list"), {"q": "acct_1DemoAtelier"})
+    assert {row.record.seller.name for row in by_account.context["table"].paginated_rows} == {
+        "Atelier Nord"}
+    by_name = client.get(reverse("payout-list"), {"q": "heron"})
+    assert by_name.context["table"].paginator.count == 8
+    by_code = client.get(reverse("payout-list"), {"failure_code": "account_closed"})
+    assert all(row.record.failure_code == "account_closed"
+               for row in by_code.context["table"].paginated_rows)
+
+
+def test_htmx_requests_get_only_the_results_fragment(demo):
+    client = client_for("Support")
+    full = client.get(reverse("payout-list"), {"status": "paid"}).content.decode()
+    fragment = client.get(reverse("payout-list"), {"status": "paid"},
+                          HTTP_HX_REQUEST="true").content.decode()
+    assert "<html" in full and "<html" not in fragment
+    assert fragment.strip().startswith('<section id="results"')
+
+
+def test_event_filters(demo):
+    client = client_for("Managers")
+    dead = client.get(reverse("event-list"), {"status": "dead"})
+    assert [row.record.stripe_event_id for row in dead.context["table"].paginated_rows] == [
+        "evt_1DemoDeadFailed01"]
+    by_type = client.get(reverse("event-list"), {"type": "payout.canceled"})
+    assert by_type.context["table"].paginator.count == 6
+
+
+def test_event_detail_shows_payload_headers_and_attempts(demo):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoReplayMe01")
+    page = client_for("Managers").get(reverse("event-detail", args=[event.pk])).content.decode()
+    assert "&quot;id&quot;: &quot;evt_1DemoReplayMe01&quot;" in page  # indented JSON
+    assert "user-agent: Stripe/1.0" in page
+    assert "terminating connection due to administrator command" in page
+
+
+def test_payout_detail_shows_reset_transactions_and_timeline(demo):
+    payout = Payout.objects.filter(status="failed").first()
+    page = client_for("Support").get(reverse("payout-detail", args=[payout.pk])).content.decode()
+    assert page.count('<span class="no">no</span>') == payout.payout_items.count()
+    assert "payout.failed" in page and "paid → failed" in page
+
+
+def test_transaction_log_filters_and_stats(demo):
+    client = client_for("Managers")
+    response = client.get(reverse("transaction-logs"),
+                          {"window": "7d", "operation": "webhook.process_event",
+                           "isolation_level": "serializable", "min_duration_ms": "0"})
+    stats = {s.operation: s for s in response.context["stats"]}
+    assert stats["webhook.process_event"].transactions > 100
+    assert response.context["table"].paginator.count > 100
+    slow = client.get(reverse("transaction-logs"), {"min_duration_ms": "100000"})
+    assert slow.context["table"].paginator.count == 0
+
+
+def test_health_figures(demo):
+    response = client_for("Managers").get(reverse("health"))
+    context = response.context
+    assert context["backlog"].dead == 1
+    assert context["stuck_count"] >= 1
+    assert {row["status"] for row in context["by_status"]} == {
+        "pending", "in_transit", "paid", "failed", "canceled"}
+    assert {row["failure_code"] for row in context["failure_codes"]} >= {"account_closed"}
+    assert b"<svg" in response.content
+
+

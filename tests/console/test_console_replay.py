@@ -1,0 +1,107 @@
+"""Replays from the console and the admin: permissions, CSRF, HTMX row swap, bulk."""
+
+import io
+
+import pytest
+from django.contrib.auth.models import Group, Permission, User
+from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
+
+from payouts.models import WebhookEvent, WebhookEventAttempt
+from payouts.roles import ensure_roles
+
+pytestmark = pytest.mark.django_db(transaction=True)  # replay runs its own SERIALIZABLE txn
+
+PASSWORD = "a long enough password"
+
+
+@pytest.fixture
+def demo(transactional_db: None) -> None:
+    call_command("seed_demo", stdout=io.StringIO())
+
+
+def client_for(role: str, *, enforce_csrf_checks: bool = False) -> Client:
+    ensure_roles(Group, Permission)
+    user = User.objects.create_user(f"user-{role}", password=PASSWORD,
+                                    is_superuser=role == "superuser",
+                                    is_staff=role == "superuser")
+    if role != "superuser":
+        user.groups.add(Group.objects.get(name=role))
+    client = Client(enforce_csrf_checks=enforce_csrf_checks)
+    client.force_login(user)
+    return client
+
+
+def test_a_managers_replay_post_is_forbidden_and_changes_nothing(demo):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoReplayMe01")
+    client = client_for("Managers")
+    response = client.post(reverse("event-replay", args=[event.pk]), HTTP_HX_REQUEST="true")
+    assert response.status_code == 403
+    bulk = client.post(reverse("event-bulk-replay"), {"all_failed": "1"})
+    assert bulk.status_code == 403
+    event.refresh_from_db()
+    assert event.status == "failed"
+    assert not WebhookEventAttempt.objects.filter(event=event, trigger="replay").exists()
+
+
+def test_replay_by_htmx_returns_the_swapped_row(demo):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoReplayMe01")
+    response = client_for("Support").post(reverse("event-replay", args=[event.pk]),
+                                          HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert html.strip().startswith(f'<tr id="event-{event.pk}"')
+    assert 'badge-processed' in html and 'data-replayed="applied"' in html
+    attempt = WebhookEventAttempt.objects.get(event=event, trigger="replay")
+    assert attempt.requested_by.username == "user-Support"
+    assert attempt.outcome == "applied"
+
+
+def test_replay_without_javascript_redirects_with_a_message(demo):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoReplayMe01")
+    client = client_for("Support")
+    response = client.post(reverse("event-replay", args=[event.pk]), follow=True)
+    assert response.status_code == 200
+    assert b"evt_1DemoReplayMe01: applied" in response.content
+
+
+def test_replay_needs_post_and_csrf(demo):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoReplayMe01")
+    user = User.objects.create_user("csrf-user", password=PASSWORD)
+    user.groups.add(Group.objects.get(name="Support"))
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    url = reverse("event-replay", args=[event.pk])
+    assert client.get(url).status_code == 405
+    assert client.post(url, HTTP_HX_REQUEST="true").status_code == 403  # no token
+    event.refresh_from_db()
+    assert event.status == "failed"
+
+
+def test_bulk_replay_of_all_failed_events(demo):
+    failed_before = WebhookEvent.objects.filter(status="failed").count()
+    assert failed_before >= 2
+    response = client_for("Support").post(reverse("event-bulk-replay"), {"all_failed": "1"},
+                                          follow=True)
+    assert f"Replayed {failed_before} event(s)".encode() in response.content
+    assert WebhookEventAttempt.objects.filter(trigger="replay").count() == failed_before
+
+
+def test_bulk_replay_of_selected_events(demo):
+    chosen = list(WebhookEvent.objects.filter(status="processed")
+                  .values_list("pk", flat=True)[:3])
+    response = client_for("Support").post(reverse("event-bulk-replay"),
+                                          {"event_ids": [str(pk) for pk in chosen]}, follow=True)
+    assert b"Replayed 3 event(s): 3 skipped" in response.content  # already applied: no change
+
+
+def test_admin_replay_action_respects_the_permission(demo):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoReplayMe01")
+    admin = client_for("superuser")
+    response = admin.post("/admin/payouts/webhookevent/",
+                          {"action": "replay_selected", "_selected_action": [event.pk]},
+                          follow=True)
+    assert b"Replayed: 1 applied" in response.content
+    event.refresh_from_db()
+    assert event.status == "processed"

@@ -1,0 +1,194 @@
+"""Staff replays: the same processor, audited, and safe to run twice or twice at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.db import connections
+
+from payouts import stripe_events
+from payouts.models import PaymentTransaction, Payout, TransactionLog, WebhookEvent
+from payouts.services import inbox
+from payouts.services.processing import Kind, ProcessingOutcome, event_process, event_replay
+from tests.factories import make_payout
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+T0 = int(time.time()) - 3600
+
+
+def payout_evt(event_type: str, payout_id: str, status: str, *, at: int = 0,
+               **fields: Any) -> dict[str, Any]:
+    obj = stripe_events.payout_object(payout_id, status=status, created=T0, **fields)
+    return stripe_events.payout_event(event_type, obj, created=T0 + at)
+
+
+def store(event: dict[str, Any]) -> WebhookEvent:
+    """Store an event as the webhook endpoint does (inline mode)."""
+    recorded = inbox.event_record(event, stripe_events.encode(event), {}, lease_s=60)
+    assert recorded.event_id is not None
+    return WebhookEvent.objects.get(pk=recorded.event_id)
+
+
+def failed_event_of_unknown_payout(event_type: str = "payout.paid",
+                                   status: str = "paid") -> tuple[WebhookEvent, str]:
+    """An event processed inline before its payout existed: left ``failed`` for a retry."""
+    po = stripe_events.new_id("po")
+    row = store(payout_evt(event_type, po, status, at=10))
+    outcome = event_process(event_id=row.pk, trigger="inline")
+    assert outcome.kind == Kind.RETRY
+    row.refresh_from_db()
+    assert row.status == WebhookEvent.Status.FAILED
+    return row, po
+
+
+def ledger_state(payout: Payout) -> dict[str, Any]:
+    payout = Payout.objects.get(pk=payout.pk)
+    txns = PaymentTransaction.objects.filter(transfers__payout_items__payout=payout).order_by("id")
+    return {
+        "payout": {field: getattr(payout, field) for field in (
+            "status", "arrival_date", "failure_code", "failure_message", "last_event_id",
+            "last_event_created", "events_applied", "updated_at")},
+        "txns": [(t.pk, t.payed_out, t.actual_release_date) for t in txns],
+        "transfers": sorted(payout.payout_items.values_list("payment_transfer_id",
+                                                            "payment_transfer__status")),
+    }
+
+
+@pytest.fixture
+def staff() -> User:
+    return User.objects.create_user("support", password="x" * 12, is_staff=True)
+
+
+def test_replaying_a_failed_event_applies_it_and_records_the_staff_user(staff):
+    """A failed event whose payout now exists is applied by a replay, audited with the user."""
+    row, po = failed_event_of_unknown_payout()
+    payout = make_payout(stripe_payout_id=po, status="in_transit", transactions=2)
+
+    outcome = event_replay(event_id=row.pk, requested_by=staff)
+
+    assert outcome == ProcessingOutcome(Kind.APPLIED, "in_transit → paid", payout.pk, "processed")
+    row.refresh_from_db()
+    payout.refresh_from_db()
+    assert row.status == WebhookEvent.Status.PROCESSED
+    assert row.next_attempt_at is None
+    assert payout.status == "paid"
+    assert payout.events_applied == 1
+    assert payout.last_event_id == row.stripe_event_id
+    inline, replay = row.attempts_log.all()
+    assert (inline.trigger, inline.outcome, inline.requested_by) == ("inline", "retry", None)
+    assert (replay.trigger, replay.outcome) == ("replay", "applied")
+    assert replay.requested_by == staff
+    assert replay.status_after == "processed"
+    [log] = TransactionLog.objects.filter(event=row, payout=payout)
+    assert (log.isolation_level, log.outcome) == ("serializable", "committed")
+
+
+def test_replaying_a_processed_event_changes_nothing(staff):
+    """Replaying an applied event: skipped 'already applied', ledger and event unchanged."""
+    payout = make_payout(status="paid", transactions=3)
+    event = payout_evt("payout.failed", payout.stripe_payout_id, "failed", at=10,
+                       **stripe_events.failed_payout_defaults())
+    row = store(event)
+    assert event_process(event_id=row.pk, trigger="inline").kind == Kind.APPLIED
+    row.refresh_from_db()
+    before, event_before = ledger_state(payout), (row.status, row.processed_at, row.attempts)
+
+    outcome = event_replay(event_id=row.pk, requested_by=staff)
+
+    assert outcome == ProcessingOutcome(Kind.SKIPPED, "already applied", None, "processed")
+    assert ledger_state(payout) == before
+    row.refresh_from_db()
+    assert (row.status, row.processed_at, row.attempts) == event_before
+    last = row.attempts_log.last()
+    assert (last.trigger, last.outcome, last.requested_by) == ("replay", "skipped", staff)
+
+
+def test_replaying_a_dead_event_processes_it(settings, staff):
+    """A dead event (retries exhausted) is brought back by a replay and becomes processed."""
+    settings.WEBHOOK_MAX_ATTEMPTS = 1
+    po = stripe_events.new_id("po")
+    row = store(payout_evt("payout.paid", po, "paid", at=10))
+    assert event_process(event_id=row.pk, trigger="inline").status_after == "dead"
+    row.refresh_from_db()
+    assert row.status == WebhookEvent.Status.DEAD
+    assert event_process(event_id=row.pk, trigger="worker").reason == "already dead"
+    payout = make_payout(stripe_payout_id=po, status="in_transit", transactions=2)
+
+    outcome = event_replay(event_id=row.pk, requested_by=staff)
+
+    assert outcome.kind == Kind.APPLIED
+    row.refresh_from_db()
+    payout.refresh_from_db()
+    assert row.status == WebhookEvent.Status.PROCESSED
+    assert payout.status == "paid" and payout.events_applied == 1
+    assert list(row.attempts_log.values_list("trigger", "outcome")) == [
+        ("inline", "retry"), ("worker", "skipped"), ("replay", "applied")]
+
+
+def test_two_replays_at_once_apply_the_event_exactly_once(staff):
+    """Two staff replays of one failed event at the same moment (5 rounds): applied once."""
+    for round_no in range(5):
+        row, po = failed_event_of_unknown_payout()
+        payout = make_payout(stripe_payout_id=po, status="in_transit", transactions=2)
+        barrier = threading.Barrier(2)
+        results: list[Any] = [None, None]
+
+        def replay(index: int, event_pk: int = row.pk, gate: threading.Barrier = barrier,
+                   out: list[Any] = results) -> None:
+            try:
+                gate.wait(timeout=30)
+                out[index] = event_replay(event_id=event_pk, requested_by=staff)
+            except BaseException as exc:  # reported below, never lost in the thread
+                out[index] = exc
+            finally:
+                connections.close_all()
+
+        threads = [threading.Thread(target=replay, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads), "a replay thread hung"
+
+        assert all(isinstance(r, ProcessingOutcome) for r in results), (round_no, results)
+        kinds = sorted(r.kind for r in results)
+        assert kinds == [Kind.APPLIED, Kind.SKIPPED], (round_no, results)
+        skipped = next(r for r in results if r.kind == Kind.SKIPPED)
+        assert skipped.reason == "already applied"
+        replays = row.attempts_log.filter(trigger="replay")
+        assert sorted(replays.values_list("outcome", flat=True)) == ["applied", "skipped"]
+        assert all(a.requested_by == staff for a in replays)
+        payout.refresh_from_db()
+        row.refresh_from_db()
+        assert payout.events_applied == 1
+        assert payout.status == "paid"
+        assert row.status == WebhookEvent.Status.PROCESSED
+        for log in TransactionLog.objects.filter(event=row):
+            assert log.outcome == "committed"
+            assert log.attempts == 1 + len(log.sqlstates)
+
+
+def test_a_double_replay_in_sequence_gives_the_same_state_as_one(staff):
+    """Replay, snapshot, replay again: ledger and event are exactly as after the first."""
+    row, po = failed_event_of_unknown_payout("payout.failed", "failed")
+    payout = make_payout(stripe_payout_id=po, status="paid", transactions=3)
+
+    first = event_replay(event_id=row.pk, requested_by=staff)
+    row.refresh_from_db()
+    after_one = ledger_state(payout), (row.status, row.status_reason, row.processed_at)
+    second = event_replay(event_id=row.pk, requested_by=staff)
+    row.refresh_from_db()
+    after_two = ledger_state(payout), (row.status, row.status_reason, row.processed_at)
+
+    assert first.kind == Kind.APPLIED
+    assert second == ProcessingOutcome(Kind.SKIPPED, "already applied", None, "processed")
+    assert after_two == after_one
+    ledger, _ = after_one
+    assert ledger["payout"]["status"] == "failed"
+    assert ledger["payout"]["events_applied"] == 1
+    assert all(not payed_out and released is None for _, payed_out, released in ledger["txns"])
