@@ -17,7 +17,6 @@ from django.db import transaction
 from django.utils import timezone
 
 from payouts import stripe_events
-from payouts.roles import ensure_roles
 from payouts.models import (
     PaymentTransaction,
     PaymentTransfer,
@@ -27,6 +26,7 @@ from payouts.models import (
     WebhookEvent,
     WebhookEventAttempt,
 )
+from payouts.roles import ensure_roles
 from payouts.services import inbox
 from payouts.services.processing import event_process
 
