@@ -200,7 +200,8 @@ def event_process(
         code = txutils.sqlstate_of(exc)
         if code == LOCK_NOT_AVAILABLE or code in txutils.RETRYABLE_SQLSTATES:
             # Busy, not broken: another process holds the payout, or kept conflicting.
-            outcome = _event_postpone(event_id, f"busy (SQLSTATE {code}), will retry")
+            outcome = _event_postpone(event_id, f"busy (SQLSTATE {code}), will retry",
+                                      counted=trigger != Trigger.REPLAY)
         else:
             tb = traceback.format_exc()
             outcome = _event_fail(event_id, error)
@@ -260,14 +261,18 @@ def _event_settle(event: WebhookEvent, outcome: ProcessingOutcome) -> Processing
     return ProcessingOutcome(outcome.kind, outcome.reason, outcome.payout_id, event.status)
 
 
-def _event_postpone(event_id: int, reason: str) -> ProcessingOutcome:
-    """Try again soon, without counting it as a failure."""
+def _event_postpone(event_id: int, reason: str, *, counted: bool) -> ProcessingOutcome:
+    """Busy, not broken: try again soon. ``counted``: this attempt was counted against
+    WEBHOOK_MAX_ATTEMPTS (inline and worker attempts are, replays are not); it is
+    given back, so contention alone never makes an event dead."""
     delay = timedelta(seconds=random.uniform(0.5, 2.0))
     with transaction.atomic():
         event = WebhookEvent.objects.select_for_update().get(pk=event_id)
         if event.status in WebhookEvent.PENDING:
             event.next_attempt_at = timezone.now() + delay
-            event.save(update_fields=["next_attempt_at"])
+            if counted and event.attempts > 0:
+                event.attempts -= 1
+            event.save(update_fields=["next_attempt_at", "attempts"])
     return ProcessingOutcome(Kind.RETRY, reason, status_after=event.status)
 
 
