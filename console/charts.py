@@ -11,7 +11,8 @@ def bar_chart(points: Sequence[tuple[str, float]], *, width: int = 480, height: 
     """Vertical bars, one per (label, value); each bar's tooltip gives its figures."""
     if not points:
         return format_html('<p class="muted">No data in this window.</p>')
-    top = max(value for _, value in points) or 1
+    peak = max(value for _, value in points)
+    top = peak or 1  # an all-zero series draws flat bars
     gap = 2
     bar_w = max((width - gap * len(points)) / len(points), 1)
     rows = []
@@ -23,8 +24,8 @@ def bar_chart(points: Sequence[tuple[str, float]], *, width: int = 480, height: 
         "", '<rect x="{}" y="{}" width="{}" height="{}"><title>{}: {}</title></rect>', rows)
     return format_html(
         '<svg class="chart" viewBox="0 0 {} {}" width="100%" height="{}" role="img" '
-        'aria-label="{}"><text x="0" y="10" class="chart-max">max {}</text>{}</svg>',
-        width, height, height, label, _figure(top), bars,
+        'aria-label="{}"><text x="0" y="10" class="chart-max">{}</text>{}</svg>',
+        width, height, height, label, f"max {_figure(peak)}" if peak else "none", bars,
     )
 
 

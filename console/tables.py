@@ -54,16 +54,16 @@ class EventTable(tables.Table):
     type = tables.Column()
     status = tables.Column()
     status_reason = tables.Column(verbose_name="Why", orderable=False)
-    account = tables.Column(attrs={"td": {"class": "mono"}})
     stripe_object_id = tables.Column(verbose_name="Object", attrs={"td": {"class": "mono"}})
-    stripe_created = tables.DateTimeColumn(format="Y-m-d H:i:s", verbose_name="Created")
+    stripe_created = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Created",
+                                           attrs={"td": {"class": "num"}})
     attempts = tables.Column()
     replay = tables.TemplateColumn(template_name="console/_replay_button.html",
                                    orderable=False, verbose_name="")
 
     class Meta:
         model = WebhookEvent
-        fields = ["select", "stripe_event_id", "type", "status", "status_reason", "account",
+        fields = ["select", "stripe_event_id", "type", "status", "status_reason",
                   "stripe_object_id", "stripe_created", "attempts", "replay"]
         order_by = "-received_at"
         attrs = {"class": "table", "id": "events-table"}

@@ -50,7 +50,9 @@ def _page(request: HtmxHttpRequest, template: str, context: dict[str, Any],
 def home(request: HttpRequest) -> HttpResponse:
     if request.user.has_perm("payouts.view_payout"):
         return redirect("payout-list")
-    return redirect("health")
+    if request.user.has_perm("payouts.view_health"):
+        return redirect("health")
+    return render(request, "console/home.html")  # signed in, but no role yet
 
 
 # --- payouts -------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ def event_replay_view(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     outcome = event_replay(event_id=event.pk, requested_by=request.user)  # type: ignore[arg-type]
     if request.htmx:
         table = EventTable(selectors.event_list().filter(pk=event.pk))
+        RequestConfig(request, paginate=False).configure(table)  # cells see perms and csrf
         return render(request, "console/_events_table.html#event-row",
                       {"row": table.rows[0], "table": table, "replayed": outcome})
     messages.info(request, f"{event.stripe_event_id}: {outcome.kind} ({outcome.reason})")

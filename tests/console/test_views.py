@@ -1,7 +1,7 @@
 """The pages that exist before the console: login, home, admin."""
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Group, Permission, User
 from django.urls import reverse
 
 pytestmark = pytest.mark.django_db
@@ -20,13 +20,23 @@ def test_home_requires_login(client):
     assert response["Location"].startswith(reverse("login"))
 
 
-def test_staff_log_in_and_see_home(client):
-    User.objects.create_user("support", password="correct horse battery")
+def test_staff_log_in_and_land_on_payouts(client):
+    user = User.objects.create_user("support", password="correct horse battery")
+    user.groups.add(Group.objects.get_or_create(name="Support")[0])
+    user.groups.get().permissions.add(Permission.objects.get(codename="view_payout"))
     response = client.post(reverse("login"),
                            {"username": "support", "password": "correct horse battery"},
                            follow=True)
     assert response.status_code == 200
-    assert b"Signed in as <strong>support</strong>" in response.content
+    assert response.redirect_chain[-1][0] == reverse("payout-list")
+
+
+def test_a_user_without_a_role_is_told_so(client):
+    User.objects.create_user("newcomer", password="correct horse battery")
+    client.login(username="newcomer", password="correct horse battery")
+    response = client.get(reverse("home"))
+    assert response.status_code == 200
+    assert b"No access yet" in response.content
 
 
 def test_wrong_password_is_refused(client):
