@@ -132,6 +132,7 @@ class EmbeddedPostgres:
             yield
 
     def _initdb(self) -> None:
+        self._stop_orphans()
         log.info("embedded_db.initdb", pgdata=str(self.pgdata))
         self.root.mkdir(parents=True, exist_ok=True)
         self._give_to_server_user(self.root)
@@ -143,6 +144,20 @@ class EmbeddedPostgres:
             "--encoding=UTF8",
             "--locale=C",
         )
+
+    def _stop_orphans(self) -> None:
+        """A server whose data directory was deleted under it (a checkout removed and
+        cloned again at the same path) keeps running and holds the port: it can only be
+        ours, and it must go before a new cluster takes this path."""
+        for process in psutil.process_iter(["name", "cmdline"]):
+            if process.info["name"] == "postgres" and str(self.pgdata) in (
+                    process.info["cmdline"] or []):
+                log.warning("embedded_db.orphan_stopped", pid=process.pid, pgdata=str(self.pgdata))
+                process.terminate()
+                try:
+                    process.wait(10)
+                except psutil.TimeoutExpired:
+                    process.kill()
 
     def _start(self) -> None:
         log.info("embedded_db.starting", pgdata=str(self.pgdata), port=self.port)

@@ -6,6 +6,7 @@ suite's own database is never touched.
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -75,6 +76,17 @@ def test_many_processes_starting_at_once_share_one_server(server):
     pids = {out.strip().splitlines()[-1] for out, _ in results}
     assert len(pids) == 1  # one postmaster, found running by three of them
     assert query(server, "app", "SELECT 1") == [(1,)]
+
+
+def test_a_server_left_running_on_a_deleted_directory_is_replaced(server):
+    server.ensure_running(database="app")
+    orphan = server._postmaster_pid()
+    shutil.rmtree(server.var_dir)  # the checkout removed while its server runs
+    with structlog.testing.capture_logs() as logs:
+        server.ensure_running(database="app")
+    assert server._postmaster_pid() != orphan
+    assert query(server, "app", "SELECT 1") == [(1,)]
+    assert any(e["event"] == "embedded_db.orphan_stopped" and e["pid"] == orphan for e in logs)
 
 
 def test_a_taken_port_is_named_in_the_error(server):
