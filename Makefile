@@ -24,7 +24,7 @@ setup: $(STAMP)
 run: export DJANGO_DEBUG ?= true
 run: setup
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py seed_demo
+	LOG_LEVEL=WARNING $(BIN)/python manage.py seed_demo
 	$(BIN)/python manage.py process_webhooks & worker=$$!; \
 	trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/python manage.py runserver 127.0.0.1:8000
