@@ -34,6 +34,9 @@ DEV_WEBHOOK_SECRET = "whsec_dev_only_payout_console_not_a_real_secret"
 STRIPE_WEBHOOK_SECRETS = env_list("STRIPE_WEBHOOK_SECRET") or (
     [DEV_WEBHOOK_SECRET] if DEBUG else []
 )
+# Creating transfers and payouts (create_payouts) calls Stripe's API with this key.
+STRIPE_API_KEY = os.environ.get("STRIPE_API_KEY", "")
+STRIPE_API_BASE = os.environ.get("STRIPE_API_BASE") or "https://api.stripe.com"
 # A live deployment ignores test-mode events, and a test deployment live ones.
 STRIPE_LIVEMODE = env_bool("STRIPE_LIVEMODE", False)
 

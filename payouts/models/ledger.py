@@ -70,8 +70,20 @@ class Payout(models.Model):
         FAILED = "failed"
         CANCELED = "canceled"
 
+    class Creation(models.TextChoices):
+        """Where a payout we create ourselves stands (empty: created from a webhook)."""
+
+        RESERVED = "reserved", "reserved (phase 1 done; Stripe not called or not answered)"
+        SUBMITTED = "submitted", "submitted (Stripe ids recorded)"
+        FAILED = "failed", "failed at Stripe (transactions released)"
+
     seller = models.ForeignKey(Seller, on_delete=models.PROTECT, null=True, blank=True,
                                related_name="payouts", help_text="empty for platform payouts")
+    # Our own id, in Stripe's metadata and idempotency keys, before Stripe's id exists.
+    reference = models.CharField(max_length=40, unique=True, null=True, blank=True)
+    creation_state = models.CharField(max_length=16, choices=Creation.choices, blank=True,
+                                      default="")
+    creation_error = models.TextField(blank=True, default="")
     stripe_payout_id = models.CharField(max_length=64, unique=True, null=True, blank=True)
     amount = models.BigIntegerField(help_text="minor units")
     currency = models.CharField(max_length=3)
@@ -98,10 +110,12 @@ class Payout(models.Model):
                          name="payout_failure_code"),
             models.Index(fields=["arrival_date"], condition=Q(status="in_transit"),
                          name="payout_in_transit_arrival"),
+            models.Index(fields=["created_at"], condition=Q(creation_state="reserved"),
+                         name="payout_resumable"),
         ]
 
     def __str__(self) -> str:
-        return self.stripe_payout_id or f"payout {self.pk}"
+        return self.stripe_payout_id or self.reference or f"payout {self.pk}"
 
     def get_absolute_url(self) -> str:
         return reverse("payout-detail", args=[self.pk])

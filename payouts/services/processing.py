@@ -34,6 +34,7 @@ from payouts.models import (
     WebhookEvent,
     WebhookEventAttempt,
 )
+from payouts.services.seller_payouts import METADATA_KEY
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +86,8 @@ def update_payout_from_webhook(
     payout = (Payout.objects.select_for_update(nowait=nowait)
               .filter(stripe_payout_id=stripe_payout_id).first())
     if payout is None:
+        payout = _payout_link(payout_object, nowait=nowait)
+    if payout is None:
         return _payout_create(event, payout_object)
     txutils.annotate(payout_id=payout.pk)
 
@@ -135,6 +138,22 @@ def update_payout_from_webhook(
              from_status=previous_status, to_status=new_status)
     # Step 8: an outcome the caller can act on.
     return ProcessingOutcome(Kind.APPLIED, decision.reason, payout.pk)
+
+
+def _payout_link(payout_object: dict[str, Any], *, nowait: bool) -> Payout | None:
+    """A payout we created whose Stripe id we have not recorded yet (the webhook beat
+    our phase 3): found by our reference in the payout's metadata, and linked."""
+    metadata = payout_object.get("metadata")
+    reference = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(reference, str) or not reference:
+        return None
+    payout = (Payout.objects.select_for_update(nowait=nowait)
+              .filter(reference=reference, stripe_payout_id__isnull=True).first())
+    if payout is not None:
+        payout.stripe_payout_id = payout_object["id"]
+        payout.save(update_fields=["stripe_payout_id", "updated_at"])
+        log.info("payout.linked", payout=payout_object["id"], reference=reference)
+    return payout
 
 
 def _payout_create(event: WebhookEvent, payout_object: dict[str, Any]) -> ProcessingOutcome:

@@ -1,0 +1,259 @@
+"""Paying sellers: transfers and a payout at Stripe, created exactly once.
+
+Money leaves the platform here, so the work is split where a crash can happen:
+
+1. Reserve (one SERIALIZABLE transaction, retried whole): lock the seller's
+   released, unpaid transactions, create our Payout (our ``reference``, no
+   Stripe id yet), its transfers and items, mark the transactions paid out.
+   Two runs at once cannot take the same transaction: the second one's locks
+   wait, then its transaction is retried and finds nothing left.
+2. Submit (no database transaction open): create each transfer, then the
+   payout on the seller's account, at Stripe, each with an idempotency key
+   made of our ids. A crash or timeout here leaves the payout ``reserved``;
+   running again sends the same keys, so Stripe answers with the objects it
+   already made instead of making new ones.
+3. Record the Stripe ids in one transaction.
+
+A final Stripe error (the account cannot be paid, ...) reverses the transfers
+already made and releases the transactions, so nothing is left half done.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import stripe
+import structlog
+from django.conf import settings
+from django.db.models import Count, QuerySet, Sum
+from django.utils import timezone
+
+import txutils
+from payouts.models import PaymentTransaction, PaymentTransfer, Payout, PayoutItem, Seller
+
+log = structlog.get_logger(__name__)
+
+METADATA_KEY = "payout_console_payout"  # our reference, in Stripe's metadata
+Creation = Payout.Creation
+
+
+class StripeNotConfigured(Exception):
+    pass
+
+
+class PayoutStillPending(Exception):
+    """Stripe could not be reached or answered with a temporary error: run again."""
+
+
+def stripe_client() -> stripe.StripeClient:
+    if not settings.STRIPE_API_KEY:
+        raise StripeNotConfigured(
+            "STRIPE_API_KEY is not set: paying sellers needs the platform's Stripe secret key "
+            "(sk_live_… or sk_test_…); STRIPE_API_BASE may point at another API host."
+        )
+    return stripe.StripeClient(settings.STRIPE_API_KEY,
+                               base_addresses={"api": settings.STRIPE_API_BASE},
+                               max_network_retries=2)
+
+
+def idempotency_key(payout: Payout, what: str) -> str:
+    return f"{payout.reference}:{what}"
+
+
+# --- reads ---------------------------------------------------------------------------------
+
+
+def eligible_transactions(seller: Seller, as_of: date) -> QuerySet[PaymentTransaction]:
+    return PaymentTransaction.objects.filter(seller=seller, payed_out=False,
+                                             release_date__lte=as_of)
+
+
+@dataclass(frozen=True)
+class Balance:
+    seller: Seller
+    currency: str
+    amount: int
+    transactions: int
+
+
+def eligible_balances(as_of: date | None = None, seller: Seller | None = None) -> list[Balance]:
+    """What each seller would be paid now, per currency (one aggregate query)."""
+    as_of = as_of or timezone.localdate()
+    rows = PaymentTransaction.objects.filter(payed_out=False, release_date__lte=as_of)
+    if seller is not None:
+        rows = rows.filter(seller=seller)
+    totals = (rows.order_by().values("seller", "currency")
+              .annotate(amount=Sum("amount"), n=Count("id")).order_by("seller", "currency"))
+    sellers = Seller.objects.in_bulk({row["seller"] for row in totals})
+    return [Balance(sellers[row["seller"]], row["currency"], row["amount"], row["n"])
+            for row in totals]
+
+
+def resumable_payouts(seller: Seller | None = None) -> QuerySet[Payout]:
+    payouts = Payout.objects.filter(creation_state=Creation.RESERVED).select_related("seller")
+    return payouts.filter(seller=seller) if seller is not None else payouts
+
+
+# --- phase 1 -------------------------------------------------------------------------------
+
+
+@txutils.financial_transaction(operation="payout.reserve")
+def payout_reserve(*, seller: Seller, as_of: date) -> list[Payout]:
+    """Phase 1: our payouts (one per currency) for the seller's released, unpaid money."""
+    txutils.annotate(seller=seller.stripe_account_id)
+    locked = list(eligible_transactions(seller, as_of).select_for_update().order_by("id"))
+    by_currency: dict[str, list[PaymentTransaction]] = defaultdict(list)
+    for txn in locked:
+        by_currency[txn.currency].append(txn)
+    # Money of a payout that failed at the bank went back to the seller's Stripe balance,
+    # not to us: its transfer stands, and paying it again needs only a new payout.
+    standing = {t.payment_transaction_id: t for t in PaymentTransfer.objects.filter(
+        payment_transaction__in=locked, stripe_transfer_id__isnull=False,
+    ).exclude(status=PaymentTransfer.Status.REVERSED).order_by("id")}
+    now = timezone.now()
+    payouts = []
+    for currency, txns in sorted(by_currency.items()):
+        reference = f"pcp_{secrets.token_hex(12)}"
+        payout = Payout.objects.create(
+            seller=seller, reference=reference, creation_state=Creation.RESERVED,
+            amount=sum(t.amount for t in txns), currency=currency,
+            status=Payout.Status.PENDING, metadata={METADATA_KEY: reference})
+        reused = [standing[t.id] for t in txns if t.id in standing]
+        PaymentTransfer.objects.filter(id__in=[t.id for t in reused]).update(
+            status=PaymentTransfer.Status.PENDING)
+        transfers = reused + PaymentTransfer.objects.bulk_create(
+            [PaymentTransfer(payment_transaction=t, amount=t.amount)
+             for t in txns if t.id not in standing])
+        PayoutItem.objects.bulk_create(
+            [PayoutItem(payout=payout, payment_transfer=tr) for tr in transfers])
+        PaymentTransaction.objects.filter(id__in=[t.id for t in txns]).update(
+            payed_out=True, actual_release_date=now)
+        payouts.append(payout)
+        log.info("payout.reserved", reference=reference, seller=seller.stripe_account_id,
+                 amount=payout.amount, currency=currency, transactions=len(txns))
+    return payouts
+
+
+# --- phases 2 and 3 ---------------------------------------------------------------------------
+
+
+def payout_submit(*, payout: Payout, client: stripe.StripeClient | None = None) -> Payout:
+    """Phases 2-3 for a reserved payout; safe to run again after any crash.
+
+    Raises ``PayoutStillPending`` when Stripe could not be reached (the payout
+    stays reserved); a final Stripe error fails the payout and releases it.
+    """
+    if payout.creation_state != Creation.RESERVED:
+        return payout
+    client = client or stripe_client()
+    assert payout.seller is not None, "only seller payouts are created here"
+    account = payout.seller.stripe_account_id
+    transfers = list(PaymentTransfer.objects.filter(payout_items__payout=payout).order_by("id"))
+    # our transfer id -> tr_…: those standing from before, then those Stripe confirms now
+    made = {t.pk: t.stripe_transfer_id for t in transfers if t.stripe_transfer_id}
+    try:
+        for transfer in transfers:
+            if transfer.pk in made:
+                continue
+            created = client.v1.transfers.create(
+                params={"amount": transfer.amount, "currency": payout.currency,
+                        "destination": account, "transfer_group": payout.reference or "",
+                        "metadata": {METADATA_KEY: payout.reference or "",
+                                     "payout_console_transfer": str(transfer.pk)}},
+                options={"idempotency_key": idempotency_key(payout, f"transfer:{transfer.pk}")},
+            )
+            made[transfer.pk] = created.id
+        stripe_payout = client.v1.payouts.create(
+            params={"amount": payout.amount, "currency": payout.currency,
+                    "metadata": {METADATA_KEY: payout.reference or ""}},
+            options={"idempotency_key": idempotency_key(payout, "payout"),
+                     "stripe_account": account},
+        )
+    except stripe.StripeError as exc:
+        if _is_final(exc):
+            return _payout_fail(payout, made, exc, client)
+        log.warning("payout.submit_postponed", reference=payout.reference, error=str(exc))
+        raise PayoutStillPending(f"{payout.reference}: {exc.user_message or exc}") from exc
+    return _payout_record(payout, made, stripe_payout)
+
+
+def _is_final(exc: stripe.StripeError) -> bool:
+    """4xx answers are Stripe's word on the request; 409 (a concurrent request with the
+    same key), 429 and anything without an answer are worth another try."""
+    status = exc.http_status
+    return status is not None and 400 <= status < 500 and status not in (409, 429)
+
+
+@txutils.financial_transaction(operation="payout.record_submission")
+def _payout_record(payout: Payout, made: dict[int, str], stripe_payout: Any) -> Payout:
+    """Phase 3. A webhook may have linked and moved the payout already: keep its status."""
+    locked = Payout.objects.select_for_update().get(pk=payout.pk)
+    txutils.annotate(payout_id=locked.pk)
+    for transfer_id, stripe_transfer_id in made.items():
+        PaymentTransfer.objects.filter(pk=transfer_id, stripe_transfer_id__isnull=True).update(
+            stripe_transfer_id=stripe_transfer_id)
+    if locked.stripe_payout_id is None:
+        locked.stripe_payout_id = stripe_payout.id
+    if not locked.last_event_id:  # no webhook applied yet: Stripe's answer is the news
+        locked.status = stripe_payout.status
+        arrival = getattr(stripe_payout, "arrival_date", None)
+        if isinstance(arrival, int):
+            locked.arrival_date = datetime.fromtimestamp(arrival, tz=UTC)
+    locked.creation_state = Creation.SUBMITTED
+    locked.creation_error = ""
+    locked.save()
+    log.info("payout.submitted", reference=locked.reference, stripe_payout=locked.stripe_payout_id)
+    return locked
+
+
+def _payout_fail(payout: Payout, made: dict[int, str], error: stripe.StripeError,
+                 client: stripe.StripeClient) -> Payout:
+    """A final Stripe error: undo the transfers Stripe made, then release the money."""
+    try:
+        for transfer_id, stripe_transfer_id in made.items():
+            client.v1.transfers.reversals.create(
+                stripe_transfer_id,
+                options={"idempotency_key": idempotency_key(payout, f"reversal:{transfer_id}")})
+    except stripe.StripeError as exc:  # Stripe keeps the first error per key: a rerun ends here
+        raise PayoutStillPending(f"{payout.reference}: reversing its transfers: {exc}") from exc
+    return _payout_release(payout, made, f"{type(error).__name__}: {error.user_message or error}")
+
+
+@txutils.financial_transaction(operation="payout.release")
+def _payout_release(payout: Payout, reversed_transfers: dict[int, str], error: str) -> Payout:
+    locked = Payout.objects.select_for_update().get(pk=payout.pk)
+    txutils.annotate(payout_id=locked.pk)
+    for transfer_id, stripe_transfer_id in reversed_transfers.items():
+        PaymentTransfer.objects.filter(pk=transfer_id).update(
+            stripe_transfer_id=stripe_transfer_id, status=PaymentTransfer.Status.REVERSED)
+    PaymentTransfer.objects.filter(payout_items__payout=locked).exclude(
+        status=PaymentTransfer.Status.REVERSED).update(status=PaymentTransfer.Status.FAILED)
+    PaymentTransaction.objects.filter(transfers__payout_items__payout=locked).update(
+        payed_out=False, actual_release_date=None)
+    locked.status = Payout.Status.FAILED
+    locked.creation_state = Creation.FAILED
+    locked.creation_error = error
+    locked.failure_message = error
+    locked.save()
+    log.warning("payout.creation_failed", reference=locked.reference, error=error)
+    return locked
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+
+def create_seller_payout(*, seller: Seller, as_of: date | None = None,
+                         client: stripe.StripeClient | None = None) -> list[Payout]:
+    """Reserve the seller's eligible money and submit it to Stripe (phases 1-3)."""
+    client = client or stripe_client()  # refuse before reserving anything
+    reserved = payout_reserve(seller=seller, as_of=as_of or timezone.localdate())
+    return [payout_submit(payout=payout, client=client) for payout in reserved]
+
+
+def payout_resume(*, payout_id: int) -> Payout:
+    """Finish a reserved payout (superusers, from the console; the command does it too)."""
+    return payout_submit(payout=Payout.objects.select_related("seller").get(pk=payout_id))
