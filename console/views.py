@@ -12,7 +12,7 @@ import structlog
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -25,6 +25,7 @@ from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
 from console.tables import EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
 from payouts.models import Payout, TransactionLog, WebhookEvent
+from payouts.services import seller_payouts
 from payouts.services.processing import event_replay
 
 log = structlog.get_logger(__name__)
@@ -78,6 +79,35 @@ def payout_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "items": selectors.payout_items(payout),
         "timeline": selectors.payout_timeline(payout),
     })
+
+
+# --- creating payouts ----------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_payout", raise_exception=True)
+def seller_payouts_page(request: HttpRequest) -> HttpResponse:
+    return render(request, "console/seller_payouts.html", {
+        "balances": seller_payouts.eligible_balances(),
+        "resumable": seller_payouts.resumable_payouts().order_by("created_at"),
+        "recent": selectors.payouts_created_here()[:20],
+    })
+
+
+@require_POST
+@login_required
+def payout_resume_view(request: HttpRequest, pk: int) -> HttpResponse:
+    if not request.user.is_superuser:  # money leaves the platform: superusers only
+        return HttpResponseForbidden("Only superusers may resume a payout.")
+    payout = get_object_or_404(Payout, pk=pk, creation_state=Payout.Creation.RESERVED)
+    try:
+        done = seller_payouts.payout_resume(payout_id=payout.pk)
+        messages.success(request, f"{done.reference}: {done.get_creation_state_display()}")
+    except (seller_payouts.PayoutStillPending, seller_payouts.StripeNotConfigured) as exc:
+        messages.error(request, str(exc))
+    log.info("console.payout_resumed", user=request.user.get_username(), payout=payout.pk)
+    return redirect("seller-payouts")
 
 
 # --- events --------------------------------------------------------------------------------

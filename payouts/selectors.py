@@ -25,6 +25,12 @@ def payout_list() -> QuerySet[Payout]:
     return Payout.objects.select_related("seller")
 
 
+def payouts_created_here() -> QuerySet[Payout]:
+    """Payouts this console created (create_payouts), newest first."""
+    return (Payout.objects.exclude(creation_state="").select_related("seller")
+            .order_by("-created_at"))
+
+
 def payout_items(payout: Payout) -> QuerySet[PayoutItem]:
     return (PayoutItem.objects.filter(payout=payout).order_by("id")
             .select_related("payment_transfer__payment_transaction"))

@@ -49,7 +49,7 @@ def pages() -> list[str]:
     assert payout and event
     return [reverse("payout-list"), reverse("payout-detail", args=[payout.pk]),
             reverse("event-list"), reverse("event-detail", args=[event.pk]),
-            reverse("transaction-logs"), reverse("health")]
+            reverse("transaction-logs"), reverse("health"), reverse("seller-payouts")]
 
 
 @pytest.mark.parametrize("role", ["Support", "Managers", "superuser"])
@@ -150,3 +150,10 @@ def test_health_figures(demo):
     assert b"<svg" in response.content
 
 
+
+
+def test_seller_payouts_show_eligible_balances(demo):
+    page = client_for("Managers").get(reverse("seller-payouts"))
+    balances = {b.seller.name: b for b in page.context["balances"]}
+    assert len(balances) == 6  # every demo seller has released, unpaid transactions
+    assert b"Resume" not in page.content

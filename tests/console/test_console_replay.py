@@ -105,3 +105,19 @@ def test_admin_replay_action_respects_the_permission(demo):
     assert b"Replayed: 1 applied" in response.content
     event.refresh_from_db()
     assert event.status == "processed"
+
+
+def test_only_superusers_may_resume_a_payout(demo):
+    from payouts.models import Payout
+
+    payout = Payout.objects.filter(status="pending").first()
+    Payout.objects.filter(pk=payout.pk).update(reference="pcp_test", creation_state="reserved")
+    url = reverse("payout-resume", args=[payout.pk])
+    assert client_for("Support").post(url).status_code == 403
+    superuser = client_for("superuser")
+    page = superuser.get(reverse("seller-payouts")).content.decode()
+    assert "pcp_test" in page and ">Resume</button>" in page
+    # No STRIPE_API_KEY in tests: resuming says so and leaves the payout reserved.
+    response = superuser.post(url, follow=True)
+    assert b"STRIPE_API_KEY" in response.content
+    assert Payout.objects.get(pk=payout.pk).creation_state == "reserved"
