@@ -6,6 +6,7 @@ from django.conf import settings
 from django.db import connection
 
 from tests.dbsessions import Session
+from tests.payouts.helpers import Server, server_env
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +43,33 @@ def session(transactional_db: None) -> Iterator[Callable[..., Session]]:
     yield open_session
     for each in opened:
         each.close()
+
+
+# --- other processes on the test database: gunicorn servers and workers -----------------
+
+
+@pytest.fixture(scope="session")
+def test_database_url(django_db_setup: None, django_db_blocker: object) -> str:
+    """The URL of the test database, for server and worker processes."""
+    db = connection.settings_dict
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgresql://{db['USER']}{password}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def inline_server(test_database_url: str) -> Iterator[Server]:
+    server = Server(server_env(test_database_url, WEBHOOK_PROCESSING="inline"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def deferred_server(test_database_url: str) -> Iterator[Server]:
+    server = Server(server_env(test_database_url, WEBHOOK_PROCESSING="deferred"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def worker_env(test_database_url: str) -> dict[str, str]:
+    return server_env(test_database_url)

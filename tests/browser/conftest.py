@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
-from tests.payouts.helpers import ARTIFACTS, Server, server_env
+from tests.payouts.helpers import ARTIFACTS, Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -33,22 +32,6 @@ DEMO_LOGINS = {  # from payouts/management/commands/seed_demo.py
 }
 
 expect.set_options(timeout=TIMEOUT_MS)
-
-
-@pytest.fixture(scope="session")
-def test_database_url(django_db_setup: None, django_db_blocker: object) -> str:
-    """The URL of the test database, for the server process (as in tests/payouts)."""
-    settings = connection.settings_dict
-    password = f":{settings['PASSWORD']}" if settings.get("PASSWORD") else ""
-    return (f"postgresql://{settings['USER']}{password}@{settings['HOST']}:{settings['PORT']}/"
-            f"{settings['NAME']}")
-
-
-@pytest.fixture(scope="session")
-def console_server(test_database_url: str) -> Iterator[Server]:
-    server = Server(server_env(test_database_url, WEBHOOK_PROCESSING="inline"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -102,13 +85,13 @@ def pytest_runtest_makereport(item: pytest.Item,
 
 
 @pytest.fixture
-def new_page(browser: Browser, console_server: Server,
+def new_page(browser: Browser, inline_server: Server,
              request: pytest.FixtureRequest) -> Iterator[Callable[[], Page]]:
     """``new_page()``: a page in a fresh browser context (own cookies), on the console."""
     contexts: list[BrowserContext] = []
 
     def make() -> Page:
-        context = browser.new_context(base_url=console_server.url,
+        context = browser.new_context(base_url=inline_server.url,
                                       viewport={"width": 1280, "height": 900})
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)

@@ -66,7 +66,7 @@ def csrf_token(page: Page) -> str:
 
 def test_support_filters_searches_and_pages_payouts_without_full_page_loads(demo, page):
     login(page, "support")
-    page.locator("nav.main-nav").get_by_role("link", name="Payouts").click()
+    page.locator("nav.main-nav").get_by_role("link", name="Payouts", exact=True).click()
     expect(page).to_have_url(re.compile(r"/payouts/$"))
     expect(page.locator("#results .count")).to_have_text("48 payouts")
     mark_document(page)
