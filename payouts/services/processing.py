@@ -72,13 +72,17 @@ def _from_unix(value: Any) -> datetime | None:
 def update_payout_from_webhook(
     event: WebhookEvent, payout_object: dict[str, Any], *, nowait: bool = False
 ) -> ProcessingOutcome:
-    """Apply one payout event to its payout, in one SERIALIZABLE transaction.
-
-    Called inside ``event_process`` it joins that transaction; called alone it
-    is its own transaction, retried whole on 40001/40P01. Applying the same
-    event again changes nothing. ``nowait`` makes a locked payout an error
-    (55P03) instead of a wait, for callers that must answer quickly.
+    """Apply one payout event to its payout, in one SERIALIZABLE transaction retried
+    whole on 40001/40P01. Applying the same event again changes nothing. ``nowait``
+    makes a locked payout an error (55P03) instead of a wait, for callers that must
+    answer quickly. (``event_process`` runs the same steps inside its own transaction.)
     """
+    return _apply_event(event, payout_object, nowait=nowait)
+
+
+def _apply_event(event: WebhookEvent, payout_object: dict[str, Any], *,
+                 nowait: bool) -> ProcessingOutcome:
+    """The seed's eight steps; the caller holds the SERIALIZABLE transaction."""
     stripe_payout_id = payout_object["id"]
     event_created = event.stripe_created
 
@@ -255,7 +259,7 @@ def _process(event_id: int, trigger: str, nowait: bool,
     else:
         if payload is None:
             payload = json.loads(bytes(event.raw_body))
-        outcome = update_payout_from_webhook(event, payload["data"]["object"], nowait=nowait)
+        outcome = _apply_event(event, payload["data"]["object"], nowait=nowait)
     return _event_settle(event, outcome)
 
 
