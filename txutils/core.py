@@ -113,6 +113,8 @@ def get_current_isolation_level(using: str | None = None) -> str:
 
 _current_run: ContextVar[TransactionRecord | None] = ContextVar("txutils_run", default=None)
 _operation_name: ContextVar[str | None] = ContextVar("txutils_operation", default=None)
+# The level the database reported for the outermost txutils transaction now open.
+_level_in_force: ContextVar[str | None] = ContextVar("txutils_level", default=None)
 
 
 def annotate(**fields: Any) -> None:
@@ -173,7 +175,8 @@ def atomic_with_isolation(
     connection = transaction.get_connection(using)
 
     if connection.in_atomic_block:
-        in_force = IsolationLevel.parse(get_current_isolation_level(using))
+        # Ours if txutils opened the outer transaction; otherwise ask the database.
+        in_force = IsolationLevel.parse(_level_in_force.get() or get_current_isolation_level(using))
         if wanted.strength > in_force.strength:
             raise TransactionError(
                 f"asked for {wanted.value} inside a transaction already running at "
@@ -202,7 +205,11 @@ def atomic_with_isolation(
                 row = cursor.fetchone()
             record.isolation_level = str(row[0]) if row else None
             record.read_only = read_only
-            yield
+            level_token = _level_in_force.set(record.isolation_level)
+            try:
+                yield
+            finally:
+                _level_in_force.reset(level_token)
 
 
 @overload

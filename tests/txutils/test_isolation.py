@@ -169,3 +169,18 @@ def test_rollback_safe_operation_outside_a_transaction_is_refused():
     with pytest.raises(txutils.TransactionError, match="inside a transaction"):
         with txutils.rollback_safe_operation("orphan"):
             pass
+
+
+def test_the_level_in_force_is_never_taken_from_a_transaction_that_ended():
+    """Inside one retrying run: a txutils transaction, then a plain one at read committed."""
+
+    @txutils.retry_on_deadlock(max_retries=0)
+    def two_transactions() -> None:
+        with txutils.atomic_with_isolation("serializable"):
+            pass
+        with transaction.atomic():
+            with pytest.raises(txutils.TransactionError, match="read committed"):
+                with txutils.atomic_with_isolation("serializable"):
+                    pass
+
+    two_transactions()
