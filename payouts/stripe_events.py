@@ -6,6 +6,7 @@ after stripe/openapi's fixtures (see shared/stripe/FACTS.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -24,6 +25,11 @@ DAY = 86400
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def derived_id(prefix: str, *parts: str) -> str:
+    """A stable id for an object that belongs to another (same input, same id)."""
+    return f"{prefix}_{hashlib.sha256(':'.join(parts).encode()).hexdigest()[:24]}"
 
 
 def payout_object(
@@ -49,12 +55,12 @@ def payout_object(
         "application_fee_amount": None,
         "arrival_date": arrival_date if arrival_date is not None else created + 2 * DAY,
         "automatic": True,
-        "balance_transaction": new_id("txn"),
+        "balance_transaction": derived_id("txn", payout_id),
         "created": created,
         "currency": currency,
         "description": "STRIPE PAYOUT",
-        "destination": new_id("ba"),
-        "failure_balance_transaction": new_id("txn") if failed else None,
+        "destination": derived_id("ba", payout_id),
+        "failure_balance_transaction": derived_id("txn", payout_id, status) if failed else None,
         "failure_code": failure_code if status == "failed" else None,
         "failure_message": failure_message if status == "failed" else None,
         "livemode": livemode,
