@@ -57,7 +57,8 @@ def stripe_client() -> stripe.StripeClient:
         )
     return stripe.StripeClient(settings.STRIPE_API_KEY,
                                base_addresses={"api": settings.STRIPE_API_BASE},
-                               max_network_retries=2)
+                               # the next run is the retry: visible, and with the same keys
+                               max_network_retries=0)
 
 
 def idempotency_key(payout: Payout, what: str) -> str:
@@ -193,6 +194,8 @@ def _payout_record(payout: Payout, made: dict[int, str], stripe_payout: Any) -> 
     """Phase 3. A webhook may have linked and moved the payout already: keep its status."""
     locked = Payout.objects.select_for_update().get(pk=payout.pk)
     txutils.annotate(payout_id=locked.pk)
+    if locked.creation_state != Creation.RESERVED:  # another run settled it meanwhile
+        return locked
     for transfer_id, stripe_transfer_id in made.items():
         PaymentTransfer.objects.filter(pk=transfer_id, stripe_transfer_id__isnull=True).update(
             stripe_transfer_id=stripe_transfer_id)
@@ -227,6 +230,10 @@ def _payout_fail(payout: Payout, made: dict[int, str], error: stripe.StripeError
 def _payout_release(payout: Payout, reversed_transfers: dict[int, str], error: str) -> Payout:
     locked = Payout.objects.select_for_update().get(pk=payout.pk)
     txutils.annotate(payout_id=locked.pk)
+    if locked.creation_state != Creation.RESERVED:
+        # Another run settled it meanwhile, and its money may be in a newer payout by
+        # now: releasing it again would pay it twice.
+        return locked
     for transfer_id, stripe_transfer_id in reversed_transfers.items():
         PaymentTransfer.objects.filter(pk=transfer_id).update(
             stripe_transfer_id=stripe_transfer_id, status=PaymentTransfer.Status.REVERSED)

@@ -1,0 +1,517 @@
+"""A fake Stripe API on 127.0.0.1: transfers, payouts, reversals, with Stripe's idempotency.
+
+Enough of Stripe for `create_payouts` and its crash tests, served over real HTTP
+to the real stripe-python client in another process::
+
+    with FakeStripe() as fake:
+        env = server_env(url, STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=fake.url)
+
+What it does like Stripe:
+
+* ``Authorization: Bearer sk_test_…`` is required (401 otherwise);
+* form-encoded bodies; nested keys such as ``metadata[payout_console_payout]`` are
+  kept as sent in ``Request.params`` and become ``{"metadata": {...}}`` in objects;
+* idempotency per (connected account, ``Idempotency-Key``): the same key with the
+  same method, path and parameters answers the first response again (same object,
+  ``Idempotent-Replayed: true``); with anything different, HTTP 400
+  ``idempotency_error``. A result is kept once the endpoint ran (also a 400 such as
+  ``payouts_not_allowed``); a request refused before (bad key, missing parameter,
+  an injected transient error) keeps nothing, so the same key can be sent again;
+* ``POST /v1/payouts`` is made on the connected account named by ``Stripe-Account``
+  (this fake refuses it without one: the console never pays out platform money).
+
+Controls for tests: ``fail_payouts_for``, ``fail_next``, and crash points
+``hold(prefix, when="before"|"after")`` / ``wait_held`` / ``release``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+HOLD_LIMIT_S = 120  # a held request never blocks a server thread longer than this
+IDEMPOTENCY_MISMATCH = (
+    "Keys for idempotent requests can only be used with the same parameters they were first "
+    "used with. Try using a key other than '{key}' if you meant to execute a different request."
+)
+ERROR_TYPES = {429: "rate_limit_error", 409: "idempotency_error"}
+TRANSFER_REVERSALS = re.compile(r"^/v1/transfers/(?P<id>[^/]+)/reversals$")
+ONE_OBJECT = re.compile(r"^/v1/(?P<kind>transfers|payouts)/(?P<id>[^/]+)$")
+DAY = 86400
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+@dataclass
+class Request:
+    """One request as the fake saw it, and what it answered."""
+
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    params: dict[str, str]  # form fields as sent: "metadata[payout_console_payout]": "pcp_…"
+    status: int = 0  # 0 while not answered (or held before processing)
+    response: dict[str, Any] | None = None
+    replayed: bool = False
+    held: str = ""  # "before" / "after" if this request was held
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.headers.get("idempotency-key")
+
+    @property
+    def account(self) -> str | None:
+        return self.headers.get("stripe-account")
+
+
+@dataclass
+class _Hold:
+    prefix: str
+    when: str
+    request: Request | None = None
+    ready: bool = False  # the request is now waiting for release()
+    released: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)  # processed (or dropped)
+
+
+class _Answer(Exception):
+    """An HTTP answer from inside request processing; ``keep`` stores it for the key."""
+
+    def __init__(self, status: int, body: dict[str, Any], *, keep: bool) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.keep = keep
+
+
+def _error(status: int, type_: str, message: str, *, code: str | None = None,
+           param: str | None = None, keep: bool = False) -> _Answer:
+    body: dict[str, Any] = {"type": type_, "message": message}
+    if code:
+        body["code"] = code
+        body["doc_url"] = f"https://stripe.com/docs/error-codes/{code.replace('_', '-')}"
+    if param:
+        body["param"] = param
+    body["request_log_url"] = "https://dashboard.stripe.com/test/logs/" + new_id("req")
+    return _Answer(status, {"error": body}, keep=keep)
+
+
+def nested(params: dict[str, str], name: str) -> dict[str, str]:
+    """``{"metadata[a]": "1"}`` → ``{"a": "1"}`` for ``name="metadata"``."""
+    prefix = f"{name}["
+    return {key[len(prefix):-1]: value for key, value in params.items()
+            if key.startswith(prefix) and key.endswith("]")}
+
+
+class FakeStripe:
+    """The fake API: a ThreadingHTTPServer on a free 127.0.0.1 port, in a daemon thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._held_cond = threading.Condition(self._lock)
+        self.requests: list[Request] = []
+        self.transfers: dict[str, dict[str, Any]] = {}
+        self.payouts: dict[str, dict[str, Any]] = {}
+        self.reversals: dict[str, dict[str, Any]] = {}
+        self.payout_accounts: dict[str, str] = {}  # po_… -> acct_… it was made on
+        # (account, key) -> (method, path, params, status, body, request id)
+        self._idempotent: dict[tuple[str | None, str], tuple[Any, ...]] = {}
+        self._payout_failures: dict[str, str] = {}  # acct_… -> error code
+        self._failures: list[tuple[str, int]] = []  # (path prefix, status), one shot each
+        self._holds: list[_Hold] = []  # armed, not yet matched
+        self._holding: list[_Hold] = []  # matched a request, not released yet
+        self._clock = itertools.count(int(time.time()))
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> FakeStripe:
+        fake = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.fake = fake
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        host, port = self._server.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name=f"fakestripe-{port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.release(timeout=5)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeStripe:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- controls ---------------------------------------------------------------------------
+
+    def fail_payouts_for(self, account: str, code: str = "payouts_not_allowed") -> None:
+        """Every payout creation on ``account`` fails for good (HTTP 400, ``code``)."""
+        with self._lock:
+            self._payout_failures[account] = code
+
+    def allow_payouts_for(self, account: str) -> None:
+        with self._lock:
+            self._payout_failures.pop(account, None)
+
+    def fail_next(self, path_prefix: str, status: int = 500) -> None:
+        """The next request whose path starts with ``path_prefix`` gets a transient error
+        (5xx, 429, 409) before anything is done; nothing is kept for its idempotency key."""
+        with self._lock:
+            self._failures.append((path_prefix, status))
+
+    def hold(self, path_prefix: str, when: str = "before") -> None:
+        """Block the next matching request until ``release()``: ``before`` it is processed
+        (nothing created yet) or ``after`` (created and kept for its key, answer withheld)."""
+        if when not in ("before", "after"):
+            raise ValueError("when must be 'before' or 'after'")
+        with self._lock:
+            self._holds.append(_Hold(path_prefix, when))
+
+    def wait_held(self, timeout: float = 30) -> Request:
+        """Return the request being held (the oldest), once there is one."""
+        deadline = time.monotonic() + timeout
+        with self._held_cond:
+            while True:
+                ready = [h for h in self._holding if h.ready]
+                if ready:
+                    assert ready[0].request is not None
+                    return ready[0].request
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no request was held within {timeout} s; "
+                                       f"seen: {[(r.method, r.path) for r in self.requests]}")
+                self._held_cond.wait(left)
+
+    def release(self, timeout: float = 30) -> None:
+        """Let every held request go on, and wait until each has been processed."""
+        with self._lock:
+            holding, self._holding = list(self._holding), []
+            self._holds.clear()
+        for each in holding:
+            each.released.set()
+        deadline = time.monotonic() + timeout
+        for each in holding:
+            if not each.done.wait(max(deadline - time.monotonic(), 0)):
+                raise TimeoutError(f"held request {each.request} did not finish")
+
+    # --- what tests read --------------------------------------------------------------------
+
+    def seen(self, method: str = "POST", path_prefix: str = "") -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests
+                    if r.method == method and r.path.startswith(path_prefix)]
+
+    def replays(self, path_prefix: str = "") -> list[Request]:
+        return [r for r in self.seen("POST", path_prefix) if r.replayed]
+
+    # --- processing (called by the handler) ----------------------------------------------
+
+    def _take(self, items: list[Any], path: str) -> Any:
+        for each in items:
+            prefix = each[0] if isinstance(each, tuple) else each.prefix
+            if path.startswith(prefix):
+                items.remove(each)
+                return each
+        return None
+
+    def handle(self, request: Request) -> tuple[int, dict[str, Any], dict[str, str]]:
+        with self._lock:
+            self.requests.append(request)
+            hold = self._take(self._holds, request.path) if request.method == "POST" else None
+            if hold is not None:
+                hold.request = request
+                request.held = hold.when
+                self._holding.append(hold)
+        if hold is None:
+            return self._process(request)
+        try:
+            if hold.when == "before":
+                self._wait_released(hold)
+                return self._process(request)
+            answer = self._process(request)
+            self._wait_released(hold)
+            return answer
+        finally:
+            hold.done.set()
+
+    def _wait_released(self, hold: _Hold) -> None:
+        with self._held_cond:
+            hold.ready = True
+            self._held_cond.notify_all()
+        hold.released.wait(HOLD_LIMIT_S)
+
+    def _process(self, request: Request) -> tuple[int, dict[str, Any], dict[str, str]]:
+        headers = {"Request-Id": new_id("req")}
+        key = request.idempotency_key
+        if key:
+            headers["Idempotency-Key"] = key
+        with self._lock:
+            try:
+                self._authenticate(request)
+                failure = self._take(self._failures, request.path)
+                if failure is not None:
+                    status = failure[1]
+                    raise _error(status, ERROR_TYPES.get(status, "api_error"),
+                                 f"An injected transient error ({status}) from the fake Stripe.")
+                if request.method == "POST" and key:
+                    scope = (request.account, key)
+                    kept = self._idempotent.get(scope)
+                    if kept is not None:
+                        method, path, params, status, body, original = kept
+                        if (method, path, params) != (request.method, request.path,
+                                                      request.params):
+                            raise _error(400, "idempotency_error",
+                                         IDEMPOTENCY_MISMATCH.format(key=key))
+                        request.replayed = True
+                        headers.update({"Idempotent-Replayed": "true",
+                                        "Original-Request": original})
+                        return self._answered(request, status, body, headers)
+                try:
+                    status, body = 200, self._route(request)
+                except _Answer as answer:
+                    if not answer.keep:
+                        raise
+                    status, body = answer.status, answer.body
+                if request.method == "POST" and key:
+                    self._idempotent[(request.account, key)] = (
+                        request.method, request.path, dict(request.params), status, body,
+                        headers["Request-Id"])
+                return self._answered(request, status, body, headers)
+            except _Answer as answer:
+                return self._answered(request, answer.status, answer.body, headers)
+
+    def _answered(self, request: Request, status: int, body: dict[str, Any],
+                  headers: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        request.status, request.response = status, body
+        return status, body, headers
+
+    def _authenticate(self, request: Request) -> None:
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer "):
+            raise _error(401, "invalid_request_error",
+                         "You did not provide an API key. You need to provide your API key in "
+                         "the Authorization header, using Bearer auth.")
+        api_key = auth[len("Bearer "):]
+        if not api_key.startswith("sk_test_") or len(api_key) <= len("sk_test_"):
+            shown = (api_key[:8] + "*" * (len(api_key) - 12) + api_key[-4:]
+                     if len(api_key) > 16 else "*" * len(api_key))
+            raise _error(401, "invalid_request_error",
+                         f"Invalid API Key provided: {shown}", code="api_key_invalid")
+
+    def _route(self, request: Request) -> dict[str, Any]:
+        path, method = request.path, request.method
+        if method == "POST" and path == "/v1/transfers":
+            return self._transfer_create(request)
+        if method == "POST" and path == "/v1/payouts":
+            return self._payout_create(request)
+        match = TRANSFER_REVERSALS.match(path)
+        if method == "POST" and match:
+            return self._reversal_create(request, match["id"])
+        match = ONE_OBJECT.match(path)
+        if method == "GET" and match:
+            store = self.transfers if match["kind"] == "transfers" else self.payouts
+            if match["id"] in store:
+                return store[match["id"]]
+            raise self._missing(match["id"])
+        raise _error(404, "invalid_request_error",
+                     f"Unrecognized request URL ({method}: {path}).")
+
+    @staticmethod
+    def _missing(object_id: str) -> _Answer:
+        kind = {"tr": "transfer", "po": "payout"}.get(object_id.split("_")[0], "object")
+        return _error(404, "invalid_request_error", f"No such {kind}: '{object_id}'",
+                      code="resource_missing", param="id")
+
+    @staticmethod
+    def _required(request: Request, *names: str) -> None:
+        for name in names:
+            if not request.params.get(name):
+                raise _error(400, "invalid_request_error", f"Missing required param: {name}.",
+                             code="parameter_missing", param=name)
+
+    @staticmethod
+    def _amount(request: Request) -> int:
+        try:
+            amount = int(request.params["amount"])
+        except ValueError:
+            raise _error(400, "invalid_request_error", "Invalid integer: "
+                         f"{request.params['amount']}", code="parameter_invalid_integer",
+                         param="amount") from None
+        if amount <= 0:
+            raise _error(400, "invalid_request_error", "Amount must be at least 1.",
+                         code="amount_too_small", param="amount")
+        return amount
+
+    def _transfer_create(self, request: Request) -> dict[str, Any]:
+        self._required(request, "amount", "currency", "destination")
+        amount = self._amount(request)
+        transfer_id = new_id("tr")
+        transfer = {
+            "id": transfer_id,
+            "object": "transfer",
+            "amount": amount,
+            "amount_reversed": 0,
+            "balance_transaction": new_id("txn"),
+            "created": next(self._clock),
+            "currency": request.params["currency"].lower(),
+            "description": request.params.get("description"),
+            "destination": request.params["destination"],
+            "destination_payment": new_id("py"),
+            "livemode": False,
+            "metadata": nested(request.params, "metadata"),
+            "reversals": {"object": "list", "data": [], "has_more": False, "total_count": 0,
+                          "url": f"/v1/transfers/{transfer_id}/reversals"},
+            "reversed": False,
+            "source_transaction": None,
+            "source_type": "card",
+            "transfer_group": request.params.get("transfer_group"),
+        }
+        self.transfers[transfer_id] = transfer
+        return transfer
+
+    def _payout_create(self, request: Request) -> dict[str, Any]:
+        account = request.account
+        if not account:
+            raise _error(400, "invalid_request_error",
+                         "This fake Stripe makes payouts only on a connected account: send "
+                         "the Stripe-Account header.", param="Stripe-Account")
+        self._required(request, "amount", "currency")
+        amount = self._amount(request)
+        code = self._payout_failures.get(account)
+        if code is not None:  # the endpoint ran and refused: kept for the key
+            raise _error(400, "invalid_request_error",
+                         f"Payouts are not allowed on account {account} ({code}).",
+                         code=code, keep=True)
+        created = next(self._clock)
+        payout_id = new_id("po")
+        payout = {
+            "id": payout_id,
+            "object": "payout",
+            "amount": amount,
+            "application_fee": None,
+            "application_fee_amount": None,
+            "arrival_date": created + 2 * DAY,
+            "automatic": False,
+            "balance_transaction": new_id("txn"),
+            "created": created,
+            "currency": request.params["currency"].lower(),
+            "description": request.params.get("description"),
+            "destination": new_id("ba"),
+            "failure_balance_transaction": None,
+            "failure_code": None,
+            "failure_message": None,
+            "livemode": False,
+            "metadata": nested(request.params, "metadata"),
+            "method": request.params.get("method", "standard"),
+            "original_payout": None,
+            "reconciliation_status": "not_applicable",
+            "reversed_by": None,
+            "source_type": "card",
+            "statement_descriptor": request.params.get("statement_descriptor"),
+            "status": "pending",
+            "type": "bank_account",
+        }
+        self.payouts[payout_id] = payout
+        self.payout_accounts[payout_id] = account
+        return payout
+
+    def _reversal_create(self, request: Request, transfer_id: str) -> dict[str, Any]:
+        transfer = self.transfers.get(transfer_id)
+        if transfer is None:
+            raise self._missing(transfer_id)
+        left = transfer["amount"] - transfer["amount_reversed"]
+        amount = self._amount(request) if "amount" in request.params else left
+        if left <= 0:
+            raise _error(400, "invalid_request_error",
+                         f"Transfer {transfer_id} is already fully reversed.", keep=True)
+        if amount > left:
+            raise _error(400, "invalid_request_error",
+                         f"Amount ({amount}) is greater than the unreversed amount ({left}).",
+                         param="amount", keep=True)
+        reversal = {
+            "id": new_id("trr"),
+            "object": "transfer_reversal",
+            "amount": amount,
+            "balance_transaction": new_id("txn"),
+            "created": next(self._clock),
+            "currency": transfer["currency"],
+            "destination_payment_refund": new_id("pyr"),
+            "metadata": nested(request.params, "metadata"),
+            "source_refund": None,
+            "transfer": transfer_id,
+        }
+        self.reversals[reversal["id"]] = reversal
+        transfer["amount_reversed"] += amount
+        transfer["reversed"] = transfer["amount_reversed"] >= transfer["amount"]
+        transfer["reversals"]["data"].append(reversal)
+        transfer["reversals"]["total_count"] += 1
+        return reversal
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the API does
+    server_version = "nginx"
+    sys_version = ""
+    fake: FakeStripe
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def _serve(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length).decode("utf-8") if length else ""
+        path, _, query = self.path.partition("?")
+        fields = parse_qs(raw if method == "POST" else query, keep_blank_values=True)
+        params = {key: values[-1] for key, values in fields.items()}
+        request = Request(method, path, {k.lower(): v for k, v in self.headers.items()}, params)
+        status, body, headers = self.fake.handle(request)
+        data = json.dumps(body, indent=2).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Stripe-Version", request.headers.get("stripe-version",
+                                                                   "2025-09-30.clover"))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:  # the client is gone (killed while its request was held)
+            self.close_connection = True
