@@ -169,8 +169,9 @@ def event_bulk_replay(request: HtmxHttpRequest) -> HttpResponse:
         ids = list(WebhookEvent.objects.filter(status=WebhookEvent.Status.FAILED)
                    .order_by("received_at").values_list("pk", flat=True)[:BULK_REPLAY_LIMIT])
     else:
-        ids = [int(v) for v in request.POST.getlist("event_ids") if v.isdigit()]
-        ids = ids[:BULK_REPLAY_LIMIT]
+        asked = [int(v) for v in request.POST.getlist("event_ids") if v.isdigit()]
+        ids = list(WebhookEvent.objects.filter(pk__in=asked[:BULK_REPLAY_LIMIT])
+                   .order_by("received_at").values_list("pk", flat=True))
     tally: dict[str, int] = {}
     for event_id in ids:
         outcome = event_replay(event_id=event_id, requested_by=request.user)  # type: ignore[arg-type]

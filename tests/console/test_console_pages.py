@@ -157,3 +157,17 @@ def test_seller_payouts_show_eligible_balances(demo):
     balances = {b.seller.name: b for b in page.context["balances"]}
     assert len(balances) == 6  # every demo seller has released, unpaid transactions
     assert b"Resume" not in page.content
+
+
+def test_bad_filter_values_are_named_and_ignored(demo):
+    client = client_for("Support")
+    response = client.get(reverse("payout-list"), {"status": "bogus", "created_after": "x",
+                                                    "page": "999", "sort": "nope"})
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Select a valid choice" in page and "Enter a valid date" in page
+    assert response.context["table"].paginator.count == Payout.objects.count()
+    for url in ["/events/?status=zzz&received_after=x",
+                "/transactions/?min_duration_ms=abc&window=zz"]:
+        assert client.get(url).status_code == 200
+    assert client.get(reverse("payout-detail", args=[10**9])).status_code == 404

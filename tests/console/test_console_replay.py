@@ -121,3 +121,10 @@ def test_only_superusers_may_resume_a_payout(demo):
     response = superuser.post(url, follow=True)
     assert b"STRIPE_API_KEY" in response.content
     assert Payout.objects.get(pk=payout.pk).creation_state == "reserved"
+
+
+def test_bulk_replay_ignores_ids_that_are_not_events(demo):
+    response = client_for("Support").post(reverse("event-bulk-replay"),
+                                          {"event_ids": ["abc", "-1", "99999999"]}, follow=True)
+    assert response.status_code == 200
+    assert b"Replayed 0 event(s): nothing selected" in response.content
