@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup run test lint clean-db chromium
+.PHONY: setup run test lint bench soak clean-db chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -40,6 +40,14 @@ chromium:
 	  else \
 	    echo "The browser tests need Debian's chromium: sudo apt-get install chromium"; exit 1; \
 	  fi; }
+
+# Figures on this machine, printed and written to var/bench/ (docs/benchmarks.md).
+bench: setup
+	$(BIN)/python -m bench
+
+# 10 000 events through crashes and a database restart; fails if one is lost or doubled.
+soak: setup
+	$(BIN)/python -m bench.soak
 
 lint: setup
 	$(BIN)/ruff check .

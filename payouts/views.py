@@ -6,6 +6,7 @@ whatever happens next; the inbox owns retries.
 
 import structlog
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -47,8 +48,14 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
         return _refuse(request, rejection)
 
     inline = settings.WEBHOOK_PROCESSING == "inline"
-    recorded = inbox.event_record(payload, body, inbox.sanitised_headers(request.headers),
-                                  lease_s=settings.WEBHOOK_LEASE_SECONDS if inline else 0)
+    try:
+        recorded = inbox.event_record(payload, body, inbox.sanitised_headers(request.headers),
+                                      lease_s=settings.WEBHOOK_LEASE_SECONDS if inline else 0)
+    except DatabaseError:
+        # Not stored, so not acknowledged: Stripe delivers it again later.
+        log.exception("webhook.store_failed", stripe_event=payload["id"])
+        return JsonResponse({"error": "unavailable", "detail": "the event could not be "
+                             "stored; it will be accepted when redelivered"}, status=503)
     log.info("webhook.received", stripe_event=payload["id"], type=payload["type"],
              duplicate=recorded.duplicate)
     answer = {"received": True, "duplicate": recorded.duplicate}
