@@ -1,0 +1,227 @@
+"""The physical limit: pgbench replaying the SQL the processor issues for ``payout.paid``.
+
+The statements are captured at run time from the product's own code (one
+``payout.paid`` delivery stored by ``inbox.event_record`` and processed by
+``event_process`` exactly as the webhook view does, inside
+``CaptureQueriesContext``), so the replay follows the product as it changes.
+Two scripts are written next to the results:
+
+* ``pgbench_payout_paid.sql`` (the limit): the processor's one SERIALIZABLE
+  transaction, ``BEGIN ISOLATION LEVEL SERIALIZABLE`` … ``COMMIT``, on a random
+  payout and its stored event.
+* ``pgbench_request.sql``: every statement one delivery costs, in the order and
+  round trips the product sends them (health check, inbox insert, BEGIN, SET/SHOW,
+  the transaction, COMMIT, TransactionLog and attempt inserts), processing the
+  event it has just stored, as the view does.
+
+``FOR UPDATE NOWAIT`` becomes ``FOR UPDATE``: pgbench cannot survive a 55P03 (it
+would drop the client), and the product answers one by leaving the event to a worker.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import data
+from bench.common import VAR, pg_bin
+
+CAPTURE_PAYOUT = 900000001
+CAPTURE_EVENT = 900000101
+CAPTURE_EVENT_ID = "evt_BenchCapture0000000001"
+SCRIPT = VAR / "pgbench_payout_paid.sql"
+REQUEST_SCRIPT = VAR / "pgbench_request.sql"
+
+
+@dataclass
+class Captured:
+    request: list[str]  # every statement of the delivery, in order
+    transaction: list[str]  # BEGIN … COMMIT of the processor
+    outcome: str
+
+
+def capture(cur: Any, sellers: tuple[int, int]) -> Captured:
+    """Store and process one payout.paid through the product's code; return its SQL.
+    ``cur`` is a psycopg2 cursor (autocommit) on the bench database; the capture rows
+    are removed afterwards."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from payouts import stripe_events
+    from payouts.models import WebhookEventAttempt
+    from payouts.services import inbox
+    from payouts.services.processing import event_process
+
+    data.load_payouts(cur, 1, items=3, sellers=sellers, age_days=2, first=CAPTURE_PAYOUT,
+                      first_line=CAPTURE_PAYOUT)
+    cur.execute(f"SELECT setval(pg_get_serial_sequence('{data.EVENT}', 'id'), %s)",
+                [CAPTURE_EVENT - 1])
+    obj = stripe_events.payout_object(f"po_B{CAPTURE_PAYOUT}", status="paid")
+    event = stripe_events.payout_event("payout.paid", obj, event_id=CAPTURE_EVENT_ID)
+    body = stripe_events.encode(event)
+    headers = {"content-type": "application/json; charset=utf-8",
+               "user-agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+               "stripe-signature": f"t={int(time.time())},v1=…"}
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            recorded = inbox.event_record(event, body, headers, lease_s=60)
+            assert recorded.event_id == CAPTURE_EVENT, recorded
+            outcome = event_process(event_id=recorded.event_id,
+                                    trigger=WebhookEventAttempt.Trigger.INLINE,
+                                    nowait=True, payload=event)
+        statements = [" ".join(q["sql"].split()) for q in queries.captured_queries]
+        if str(outcome.kind) != "applied":
+            raise RuntimeError(f"the captured payout.paid was not applied: {outcome}")
+    finally:
+        connection.close()
+        _remove_capture_rows(cur)
+    upper = [s.upper() for s in statements]
+    if not any(s.startswith("BEGIN") for s in upper):
+        # A Django that does not log transaction control: BEGIN is sent before the
+        # first statement of the transaction, COMMIT after its last one (the
+        # TransactionLog row is written once the transaction has ended).
+        first = next(i for i, s in enumerate(upper) if s.startswith("SET TRANSACTION"))
+        last = next(i for i, s in enumerate(upper) if "PAYOUTS_TRANSACTIONLOG" in s[:40])
+        statements = [*statements[:first], "BEGIN", *statements[first:last], "COMMIT",
+                      *statements[last:]]
+        upper = [s.upper() for s in statements]
+    begin = next(i for i, s in enumerate(upper) if s.startswith("BEGIN"))
+    commit = next(i for i, s in enumerate(upper) if s.startswith("COMMIT"))
+    return Captured(statements, statements[begin:commit + 1], str(outcome.kind))
+
+
+def _remove_capture_rows(cur: Any) -> None:
+    cur.execute(f"DELETE FROM {data.ATTEMPT} WHERE event_id = %s", [CAPTURE_EVENT])
+    cur.execute(f"DELETE FROM {data.TXLOG} WHERE event_id = %s OR payout_id = %s",
+                [CAPTURE_EVENT, CAPTURE_PAYOUT])
+    cur.execute(f"DELETE FROM {data.EVENT} WHERE id = %s", [CAPTURE_EVENT])
+    cur.execute(f"DELETE FROM {data.ITEM} WHERE payout_id = %s", [CAPTURE_PAYOUT])
+    cur.execute(f"DELETE FROM {data.TRANSFER} WHERE id BETWEEN %s AND %s",
+                [CAPTURE_PAYOUT, CAPTURE_PAYOUT + 10])
+    cur.execute(f"DELETE FROM {data.TXN} WHERE id BETWEEN %s AND %s",
+                [CAPTURE_PAYOUT, CAPTURE_PAYOUT + 10])
+    cur.execute(f"DELETE FROM {data.PAYOUT} WHERE id = %s", [CAPTURE_PAYOUT])
+    data.sync_sequences(cur)
+
+
+def _templated(statement: str, event_var: str) -> str:
+    """The captured statement with the payout and event made pgbench variables."""
+    text = statement.replace(f"'po_B{CAPTURE_PAYOUT}'", "('po_B' || :pid)")
+    # A new Stripe event id each time: pgbench retries a script from its start, with the
+    # same random numbers, so a pgbench variable would collide with itself on a retry.
+    text = text.replace(f"'{CAPTURE_EVENT_ID}'", "('evt_P' || gen_random_uuid())")
+    text = re.sub(rf"\b{CAPTURE_EVENT}\b", f":{event_var}", text)
+    text = re.sub(rf"\b{CAPTURE_PAYOUT}\b", ":pid", text)
+    text = text.replace("FOR UPDATE NOWAIT", "FOR UPDATE")
+    return _one_round_trip(text)
+
+
+def _one_round_trip(sql: str) -> str:
+    r"""Semicolons outside string literals become ``\;``: pgbench then sends a
+    multi-statement query (``SET TRANSACTION …; SHOW …``) as one, as psycopg2 does."""
+    out, quoted = [], False
+    for char in sql:
+        if char == "'":
+            quoted = not quoted
+        out.append("\\;" if char == ";" and not quoted else char)
+    return "".join(out).rstrip("\\;").rstrip()
+
+
+def write_scripts(captured: Captured) -> tuple[Path, Path]:
+    """The limit script and the whole-request script (see the module docstring)."""
+    header = [
+        "-- Generated by bench/limit.py from the SQL the product issued for one payout.paid.",
+        "-- pid: a random payout of the limit set; its events are stored beforehand.",
+        r"\set pid random(:pid_lo, :pid_hi)",
+    ]
+    body = [s for s in captured.transaction
+            if not s.upper().startswith(("BEGIN", "SET TRANSACTION", "COMMIT"))]
+    limit = [*header, r"\set eid :pid + :eoff",
+             "BEGIN ISOLATION LEVEL SERIALIZABLE;",
+             *[_templated(s, "eid") + ";" for s in body], "COMMIT;"]
+    SCRIPT.parent.mkdir(parents=True, exist_ok=True)
+    SCRIPT.write_text("\n".join(limit) + "\n")
+
+    request = [*header,
+               "-- Django's connection health check (CONN_HEALTH_CHECKS) at request start",
+               "SELECT 1;"]
+    for statement in captured.request:
+        line = _templated(statement, "new_id")
+        if statement.lstrip().upper().startswith("INSERT INTO PAYOUTS_WEBHOOKEVENT"):
+            request.append(line + r" \gset new_")  # the stored event's id, as RETURNING gives it
+        else:
+            request.append(line + ";")
+    REQUEST_SCRIPT.write_text("\n".join(request) + "\n")
+    return SCRIPT, REQUEST_SCRIPT
+
+
+SERIALIZABLE_SET = r"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE\; SHOW transaction_isolation;"
+
+
+def what_if_scripts(script: Path, request_script: Path) -> dict[str, Path]:
+    """Variants of the two scripts for proposals that are not applied (``--what-if``):
+    the same statements at READ COMMITTED (the row locks the processor takes already
+    order every write), and the request with fewer round trips and commits."""
+    limit_text, request_text = script.read_text(), request_script.read_text()
+    lean = (request_text.replace("SELECT 1;\n", "")
+            .replace("BEGIN;\n" + SERIALIZABLE_SET + "\n", "BEGIN ISOLATION LEVEL SERIALIZABLE;\n"))
+    lines = lean.splitlines()
+    logs = [i for i, line in enumerate(lines) if line.startswith(
+        ('INSERT INTO "payouts_transactionlog"', 'INSERT INTO "payouts_webhookeventattempt"'))]
+    if len(logs) == 2:  # the two bookkeeping inserts in one transaction: one commit
+        lines.insert(logs[1] + 1, "COMMIT;")
+        lines.insert(logs[0], "BEGIN;")
+    lean = "\n".join(lines) + "\n"
+    variants = {
+        "processor_tx_read_committed": limit_text.replace(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE;", "BEGIN ISOLATION LEVEL READ COMMITTED;"),
+        "request_read_committed": request_text.replace(
+            SERIALIZABLE_SET, SERIALIZABLE_SET.replace("SERIALIZABLE", "READ COMMITTED")),
+        "request_fewer_round_trips": lean,
+        "request_fewer_round_trips_read_committed": lean.replace(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE;", "BEGIN ISOLATION LEVEL READ COMMITTED;"),
+    }
+    paths = {}
+    for name, text in variants.items():
+        path = VAR / f"pgbench_what_if_{name}.sql"
+        path.write_text(text)
+        paths[name] = path
+    return paths
+
+
+_FIGURES = {
+    "tps": r"^tps = ([\d.]+)",
+    "transactions": r"number of transactions actually processed: (\d+)",
+    "failed": r"number of failed transactions: (\d+)",
+    "retried": r"number of transactions retried: (\d+)",
+    "retries": r"total number of retries: (\d+)",
+    "latency_ms": r"latency average = ([\d.]+) ms",
+    "serialization_failures": r"number of serialization failures: (\d+)",
+}
+
+
+def pgbench(url: str, script: Path, *, clients: int, seconds: int, variables: dict[str, int],
+            max_tries: int) -> dict[str, Any]:
+    argv = [str(pg_bin() / "pgbench"), "-n", "-M", "simple", "-c", str(clients), "-j", "2",
+            "-T", str(seconds), f"--max-tries={max_tries}", "--failures-detailed",
+            "-f", str(script)]
+    for name, value in variables.items():
+        argv += ["-D", f"{name}={value}"]
+    argv.append(url)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120,
+                            check=False)
+    out = result.stdout
+    figures: dict[str, Any] = {"exit_code": result.returncode, "clients": clients,
+                               "seconds": seconds, "max_tries": max_tries,
+                               "script": str(script.relative_to(VAR.parent.parent))}
+    for name, pattern in _FIGURES.items():
+        match = re.search(pattern, out, re.MULTILINE)
+        value = float(match.group(1)) if match else None
+        figures[name] = value if value is None or name in ("tps", "latency_ms") else int(value)
+    if result.returncode != 0 or figures["tps"] is None:
+        figures["error"] = (result.stderr or out)[-2000:]
+    return figures

@@ -1,0 +1,896 @@
+"""``python -m bench [--quick] [--out PATH] [--only SECTION,...]``: the figures of issue 5.
+
+One dedicated embedded PostgreSQL (``var/bench/server``, created fresh, on a free
+port), one run, every figure side by side:
+
+1. limit      pgbench replaying the processor's SQL for payout.paid (SERIALIZABLE,
+              8 clients, fixed duration, --max-tries), and the whole request's SQL
+2. e2e        gunicorn (a few settings, then the best) + a separate load-generator
+              process, inline processing, distinct payout.paid / payout.failed events
+              for N payouts; then an open-loop run at half that rate for p99
+3. ingest     deferred mode: events/s stored; then the drain rate of 2 workers
+4. hot        8 clients, events for only 10 payouts: events/s, retries, final state
+5. console    1 M payouts, 5 M transactions, 2 M events (SQL generate_series):
+              server time of the console pages (Django test client, in process)
+6. replay     bulk replay of 10 000 failed events (event_replay)
+7. failed     a failed payout with 10 000 transactions: its one transaction
+
+Prints a table and writes ``var/bench/results.json``. Everything it starts
+(PostgreSQL, gunicorn, workers, the load generator) is stopped at the end, also
+on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import data, limit
+from bench.common import (
+    LOGS,
+    PYTHON,
+    REPO,
+    SECRET,
+    VAR,
+    BenchDatabase,
+    Processes,
+    aggregate_profile,
+    child_env,
+    fmt,
+    free_port,
+    gunicorn_argv,
+    install_signal_handlers,
+    machine,
+    manage,
+    percentile,
+    py_spy,
+    say,
+    table,
+    tree_cpu_s,
+    use_bench_database_here,
+    wait_http,
+    write_json,
+)
+
+SECTIONS = ["limit", "e2e", "ingest", "hot", "console", "replay", "failed"]
+# gunicorn settings compared on 2 cores (class, workers, threads); the best runs the rest.
+GUNICORN_SETTINGS = [("gthread", 2, 8), ("gthread", 4, 4), ("sync", 4, 1)]
+
+
+def warm_up(port: int, requests: int) -> None:
+    """Requests that bring every gunicorn worker to steady state (imports, URL resolver,
+    database connection, the signature check) before anything is measured: the login
+    page, and deliveries refused for a bad signature (nothing stored but a counter)."""
+    import http.client
+
+    for i in range(requests):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            if i % 2:
+                conn.request("GET", "/login/")
+            else:
+                conn.request("POST", "/webhooks/stripe/", body=b'{"id": "evt_warm_up"}',
+                             headers={"Stripe-Signature": "t=1,v1=00",
+                                      "Content-Type": "application/json"})
+            conn.getresponse().read()
+        finally:
+            conn.close()
+
+
+def describe(setting: tuple[str, int, int] | list[Any]) -> str:
+    worker_class, workers, threads = setting
+    return f"{worker_class} {workers} workers x {threads} threads"
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    limit_payouts: int  # payouts (with stored events) pgbench picks from
+    limit_s: int  # pgbench duration
+    e2e_payouts: int  # distinct payouts the main end-to-end run sends events for
+    e2e_max_s: int  # ... stopping after this long even if not all were sent
+    sweep_events: int  # events per gunicorn setting compared
+    connections: int  # load-generator connections (threads) for closed-loop runs
+    half_rate_s: int  # open-loop run at half the end-to-end rate
+    ingest_events: int
+    hot_events: int  # events for the 10 hot payouts
+    console_payouts: int
+    console_items: int  # transactions per console payout
+    console_events: int
+    replay_events: int
+    failed_transactions: int
+    page_repeats: int
+    settle_s: int  # how long to wait for workers to settle what inline processing left
+    drain_max_s: int  # the drain is measured until done or this long
+
+    @staticmethod
+    def full() -> Scale:
+        return Scale("full", limit_payouts=100_000, limit_s=30, e2e_payouts=100_000,
+                     e2e_max_s=120, sweep_events=1_200, connections=16, half_rate_s=30,
+                     ingest_events=6_000, hot_events=1_500, console_payouts=1_000_000,
+                     console_items=5, console_events=2_000_000, replay_events=10_000,
+                     failed_transactions=10_000, page_repeats=20, settle_s=30, drain_max_s=90)
+
+    @staticmethod
+    def quick() -> Scale:
+        return Scale("quick", limit_payouts=2_000, limit_s=5, e2e_payouts=1_000,
+                     e2e_max_s=20, sweep_events=300, connections=16, half_rate_s=5,
+                     ingest_events=500, hot_events=200, console_payouts=10_000,
+                     console_items=5, console_events=20_000, replay_events=100,
+                     failed_transactions=1_000, page_repeats=5, settle_s=20, drain_max_s=30)
+
+
+@dataclass
+class Section:
+    name: str
+    figures: dict[str, Any]
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class Bench:
+    def __init__(self, scale: Scale, only: list[str], what_if: bool = False,
+                 profile: bool = False) -> None:
+        self.scale = scale
+        self.what_if = what_if
+        self.py_spy = py_spy() if profile else None
+        self.profile = self.py_spy is not None
+        if profile and not self.profile:
+            say("--profile: py-spy is not installed (pip install py-spy); running without")
+        self.only = only
+        self.db = BenchDatabase("server")
+        self.procs = Processes()
+        self.sections: dict[str, Section] = {}
+        self.sellers = (0, 0)
+        self.user: Any = None
+        self.event_serial = 0
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def cursor(self) -> Any:
+        return data.connect_loader(self.db.url).cursor()
+
+    @contextlib.contextmanager
+    def loader(self) -> Iterator[Any]:
+        conn = data.connect_loader(self.db.url)
+        try:
+            with conn.cursor() as cur:
+                yield cur
+        finally:
+            conn.close()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return child_env(self.db.url, **extra)
+
+    @contextlib.contextmanager
+    def stack(self, *, mode: str, setting: tuple[str, int, int], workers: int = 0,
+              **extra: str) -> Iterator[int]:
+        """gunicorn (and ``workers`` process_webhooks) on the bench database; yields the port."""
+        port = free_port()
+        env = self.env(WEBHOOK_PROCESSING=mode, **extra)
+        worker_class, n, threads = setting
+        names = [f"gunicorn-{mode}-{worker_class}{n}x{threads}"]
+        try:
+            server = self.procs.start(names[0], gunicorn_argv(
+                port, workers=n, threads=threads, worker_class=worker_class), env)
+            wait_http(port, process=server)
+            warm_up(port, n * max(threads, 1) * 6)
+            for i in range(workers):
+                names.append(f"worker-{i}")
+                self.start_worker(names[-1], env)
+            yield port
+        finally:
+            for name in names:
+                self.procs.stop(name)
+
+    def cpu_snapshot(self) -> dict[str, float]:
+        """CPU seconds so far of gunicorn, the workers and the bench PostgreSQL."""
+        out = {"gunicorn": 0.0, "workers": 0.0, "postgres": 0.0}
+        for name, process in self.procs.children.items():
+            if name.startswith("gunicorn"):
+                out["gunicorn"] += tree_cpu_s(process.pid)
+            elif "worker" in name:
+                out["workers"] += tree_cpu_s(process.pid)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((self.db.server.pgdata / "postmaster.pid").read_text().split()[0])
+            out["postgres"] = tree_cpu_s(pid)
+        return out
+
+    def start_profile(self) -> None:
+        """py-spy on the gunicorn workers (GIL holders only: where Python spends CPU)."""
+        server = next(p for n, p in self.procs.children.items() if n.startswith("gunicorn"))
+        self.profile_raw = VAR / "profile-e2e.txt"
+        self.profile_raw.unlink(missing_ok=True)
+        self.procs.start("py-spy", [self.py_spy, "record", "-p", str(server.pid),
+                                    "--subprocesses", "--gil", "--nonblocking", "-r", "100",
+                                    "-d", str(min(30, self.scale.e2e_max_s)), "-f", "raw",
+                                    "-o", str(self.profile_raw)], self.env())
+
+    def finish_profile(self) -> dict[str, Any]:
+        process = self.procs.children.get("py-spy")
+        if process is not None:
+            with contextlib.suppress(Exception):
+                process.wait(60)
+            self.procs.stop("py-spy")
+        if not self.profile_raw.exists():
+            return {"error": f"py-spy wrote nothing; see {LOGS / 'py-spy.log'}"}
+        profile = aggregate_profile(self.profile_raw)
+        say("   profile (share of GIL-holding samples in gunicorn, inclusive):")
+        for share, frame in profile["inclusive"][:18]:
+            say(f"     {share:5.1f} %  {frame}")
+        return {"raw": str(self.profile_raw.relative_to(REPO)), **profile}
+
+    def start_worker(self, name: str, env: dict[str, str]) -> None:
+        self.procs.start(name, [PYTHON, "manage.py", "process_webhooks",
+                                "--idle-sleep", "0.2"], env)
+
+    def send(self, name: str, port: int, plan: list[list[Any]], *, connections: int,
+             rate: float | None = None, max_s: float, resend: bool = False) -> dict[str, Any]:
+        """Run the load generator (its own process) on ``plan``; return its result."""
+        folder = VAR / "load"
+        folder.mkdir(parents=True, exist_ok=True)
+        plan_path, spec_path, out_path = (folder / f"{name}.{kind}.json"
+                                          for kind in ("plan", "spec", "result"))
+        plan_path.write_text(json.dumps(plan))
+        spec_path.write_text(json.dumps({
+            "port": port, "secret": SECRET, "plan": str(plan_path), "connections": connections,
+            "rate": rate, "max_seconds": max_s, "resend": resend}))
+        out_path.unlink(missing_ok=True)
+        process = self.procs.start(f"load-{name}", [PYTHON, "-m", "bench.load",
+                                                    str(spec_path), str(out_path)], self.env())
+        try:
+            code = process.wait(max_s + 300)
+        finally:
+            self.procs.stop(f"load-{name}")
+        if code != 0 or not out_path.exists():
+            raise RuntimeError(f"the load generator failed (code {code}); see {LOGS}")
+        return json.loads(out_path.read_text())  # type: ignore[no-any-return]
+
+    def new_prefix(self, what: str) -> str:
+        self.event_serial += 1
+        return f"evt_{what}{self.event_serial}x"
+
+    def outcome_counts(self, prefix: str) -> dict[str, int]:
+        rows = self.db.execute(
+            f"SELECT status, count(*) FROM {data.EVENT} WHERE stripe_event_id LIKE %s "
+            "GROUP BY status", [prefix + "%"])
+        return {status: int(n) for status, n in rows}
+
+    def wait_settled(self, prefix: str, timeout: float) -> dict[str, int]:
+        """Wait (bounded) until no event of ``prefix`` is waiting for (re)processing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.outcome_counts(prefix)
+            if not counts.get("received") and not counts.get("failed"):
+                return counts
+            if time.monotonic() > deadline:
+                return counts
+            time.sleep(0.5)
+
+    def applied_window(self, prefix: str) -> dict[str, Any]:
+        """From the first receipt to the last processing: applied events per second."""
+        row = self.db.execute(
+            f"""SELECT count(*) FILTER (WHERE status = 'processed'),
+                       extract(epoch FROM max(processed_at) - min(received_at))
+                FROM {data.EVENT} WHERE stripe_event_id LIKE %s""", [prefix + "%"])[0]
+        applied, span = int(row[0]), float(row[1] or 0)
+        return {"applied": applied, "applied_span_s": span,
+                "applied_per_s": applied / span if span > 0 else None}
+
+    def retry_figures(self, prefix: str) -> dict[str, Any]:
+        """Retries of the processor's transactions for these events (TransactionLog)
+        and postponements (attempts that ended in 'retry': busy or retries exhausted)."""
+        row = self.db.execute(
+            f"""SELECT count(DISTINCT e.id), count(t.id), coalesce(sum(t.attempts - 1), 0),
+                       count(t.id) FILTER (WHERE t.outcome <> 'committed'),
+                       coalesce(sum(cardinality(array_positions(t.sqlstates, '40001'))), 0),
+                       coalesce(sum(cardinality(array_positions(t.sqlstates, '40P01'))), 0)
+                FROM {data.EVENT} e LEFT JOIN {data.TXLOG} t ON t.event_id = e.id
+                WHERE e.stripe_event_id LIKE %s""", [prefix + "%"])[0]
+        events, txs, retries, failed, s40001, s40p01 = (int(v) for v in row)
+        attempts = dict(self.db.execute(
+            f"""SELECT a.outcome, count(*) FROM {data.ATTEMPT} a
+                JOIN {data.EVENT} e ON e.id = a.event_id
+                WHERE e.stripe_event_id LIKE %s GROUP BY a.outcome""", [prefix + "%"]))
+        busy = int(self.db.scalar(
+            f"""SELECT count(*) FROM {data.ATTEMPT} a JOIN {data.EVENT} e ON e.id = a.event_id
+                WHERE e.stripe_event_id LIKE %s AND a.reason LIKE 'busy%%'""", [prefix + "%"]))
+        return {"events": events, "transactions": txs, "tx_retries": retries,
+                "tx_retries_per_event": retries / events if events else None,
+                "tx_not_committed": failed, "sqlstate_40001": s40001, "sqlstate_40P01": s40p01,
+                "attempts_by_outcome": {k: int(v) for k, v in attempts.items()},
+                "postponed_busy": busy,
+                "attempts_per_event": sum(int(v) for v in attempts.values()) / events
+                if events else None}
+
+    @staticmethod
+    def latency(result: dict[str, Any], key: str = "latencies_s") -> dict[str, Any]:
+        values = result.get(key) or []
+        return {f"p{q}_ms": (percentile(values, q) or 0) * 1000 for q in (50, 95, 99)}
+
+    @staticmethod
+    def load_summary(result: dict[str, Any]) -> dict[str, Any]:
+        keep = ("planned", "sent", "not_sent", "acknowledged", "duplicates_answered",
+                "elapsed_s", "ack_per_s", "http_status", "answer_status", "errors", "connects",
+                "rate", "connections")
+        return {k: result.get(k) for k in keep}
+
+    def payout_plan(self, payouts: data.Payouts, prefix: str, *, failed_every: int = 10,
+                    created: int | None = None) -> list[list[Any]]:
+        """One event per payout: payout.failed for every ``failed_every``-th, else paid."""
+        created = created or int(time.time())
+        return [[f"{prefix}{pid}",
+                 "payout.failed" if pid % failed_every == 0 else "payout.paid",
+                 f"po_B{pid}", created, None] for pid in range(payouts.first, payouts.last + 1)]
+
+    def fresh_payouts(self, count: int, *, items: int = 3, status: str = "in_transit"
+                      ) -> data.Payouts:
+        with self.loader() as cur:
+            payouts = data.load_payouts(cur, count, items=items, sellers=self.sellers,
+                                        status=status, age_days=2, parallel_url=self.db.url)
+            for table_name in (data.PAYOUT, data.ITEM, data.TRANSFER, data.TXN):
+                cur.execute(f"ANALYZE {table_name}")
+        return payouts
+
+    # --- the run ------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        started = time.perf_counter()
+        self.db.start(fresh=True)
+        manage(self.env(), "migrate", "--noinput")
+        use_bench_database_here(self.db.url)
+        import django
+
+        django.setup()
+        logging.getLogger().setLevel(logging.WARNING)
+        from django.contrib.auth.models import User
+
+        self.user = User.objects.create_superuser("bench", "bench@example.com", "bench-password")
+        with self.loader() as cur:
+            self.sellers = data.ensure_sellers(cur, 1000)
+        say(f"bench database ready on port {self.db.port} ({time.perf_counter() - started:.1f} s)")
+
+    def run_section(self, name: str, func: Callable[[], dict[str, Any]]) -> None:
+        if self.only and name not in self.only:
+            return
+        say(f"\n== {name}")
+        started = time.perf_counter()
+        section = Section(name, {})
+        try:
+            section.figures = func()
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            section.error = traceback.format_exc()
+            say(f"!! {name} failed:\n{section.error}")
+        section.seconds = time.perf_counter() - started
+        self.sections[name] = section
+        say(f"   ({section.seconds:.0f} s)")
+
+    # 1. the limit ----------------------------------------------------------------------
+
+    def limit(self) -> dict[str, Any]:
+        s = self.scale
+        payouts = self.fresh_payouts(s.limit_payouts)
+        with self.loader() as cur:
+            # Stored as processed: pgbench replays the statements whatever the status, and
+            # the workers of later sections must not find them waiting.
+            events = data.load_events(cur, payouts=payouts, event_type="payout.paid",
+                                      status="processed", id_prefix="evt_Lim")
+            cur.execute(f"ANALYZE {data.EVENT}")
+            captured = limit.capture(cur, self.sellers)
+        script, request_script = limit.write_scripts(captured)
+        variables = {"pid_lo": payouts.first, "pid_hi": payouts.last,
+                     "eoff": events[0] - payouts.first}
+        say(f"   captured {len(captured.transaction)} statements in the processor's transaction, "
+            f"{len(captured.request)} in the whole delivery ({captured.outcome}); "
+            f"pgbench {s.limit_s} s x 2 scripts ...")
+        processor = limit.pgbench(self.db.url, script, clients=8, seconds=s.limit_s,
+                                  variables=variables, max_tries=10)
+        request = limit.pgbench(self.db.url, request_script, clients=8, seconds=s.limit_s,
+                                variables=variables, max_tries=10)
+        # Deliveries the request script stored but could not process (retries exhausted)
+        # must not wait for the workers of later sections.
+        self.db.execute(f"""UPDATE {data.EVENT} SET status = 'skipped', next_attempt_at = NULL,
+                            status_reason = 'stored by pgbench' WHERE stripe_event_id LIKE 'evt_P%%'
+                            AND status IN ('received', 'failed') RETURNING 1""")
+        for label, figures in (("processor transaction", processor),
+                               ("whole request", request)):
+            say(f"   {label}: {fmt(figures['tps'])} tx/s, retried {fmt(figures['retried'])}, "
+                f"failed {fmt(figures['failed'])}, avg {fmt(figures['latency_ms'], 2)} ms")
+            if figures.get("error"):
+                say(f"   pgbench: {figures['error']}")
+        what_if = {}
+        if self.what_if:
+            for name, path in limit.what_if_scripts(script, request_script).items():
+                what_if[name] = limit.pgbench(self.db.url, path, clients=8,
+                                              seconds=max(3, s.limit_s // 2),
+                                              variables=variables, max_tries=10)
+                w = what_if[name]
+                say(f"   what if {name}: {fmt(w['tps'])} tx/s, "
+                    f"retried {fmt(w['retried'])}, failed {fmt(w['failed'])}")
+            self.db.execute(f"""UPDATE {data.EVENT} SET status = 'skipped', next_attempt_at = NULL,
+                                status_reason = 'stored by pgbench' WHERE stripe_event_id LIKE
+                                'evt_P%%' AND status IN ('received', 'failed') RETURNING 1""")
+        return {"processor_tx": processor, "request": request, "what_if": what_if,
+                "statements_in_transaction": len(captured.transaction),
+                "statements_in_request": len(captured.request) + 1,  # + the health check
+                "captured_transaction": captured.transaction}
+
+    # 2. end to end ---------------------------------------------------------------------
+
+    def e2e(self) -> dict[str, Any]:
+        s = self.scale
+        sweep = []
+        for setting in GUNICORN_SETTINGS:
+            payouts = self.fresh_payouts(s.sweep_events)
+            prefix = self.new_prefix("S")
+            with self.stack(mode="inline", setting=setting, workers=2) as port:
+                result = self.send(f"sweep-{setting[0]}{setting[1]}x{setting[2]}", port,
+                                   self.payout_plan(payouts, prefix), connections=s.connections,
+                                   max_s=s.e2e_max_s)
+            row = {"setting": describe(setting), "gunicorn": setting,
+                   **self.load_summary(result), **self.latency(result)}
+            sweep.append(row)
+            say(f"   {row['setting']:<28} {fmt(row['ack_per_s'])} ack/s  "
+                f"p50 {fmt(row['p50_ms'])}  p99 {fmt(row['p99_ms'])} ms")
+        best = max(sweep, key=lambda r: r["ack_per_s"] or 0)
+        setting = tuple(best["gunicorn"])
+
+        payouts = self.fresh_payouts(s.e2e_payouts)
+        prefix = self.new_prefix("E")
+        say(f"   main run: {best['setting']}, events for {payouts.count:,} payouts "
+            f"(at most {s.e2e_max_s} s) ...")
+        profile: dict[str, Any] = {}
+        with self.stack(mode="inline", setting=setting, workers=2) as port:
+            before, wall = self.cpu_snapshot(), time.perf_counter()
+            if self.profile:
+                self.start_profile()
+            result = self.send("e2e", port, self.payout_plan(payouts, prefix),
+                               connections=s.connections, max_s=s.e2e_max_s)
+            after, wall = self.cpu_snapshot(), time.perf_counter() - wall
+            if self.profile:
+                profile = self.finish_profile()
+            settled = self.wait_settled(prefix, s.settle_s)
+        acked = max(result["acknowledged"], 1)
+        cpu = {kind: (after[kind] - before.get(kind, 0.0)) for kind in after}
+        cpu["load generator"] = result.get("cpu_s") or 0.0
+        cpu_ms = {kind: 1000 * v / acked for kind, v in cpu.items()}
+        busy = sum(cpu.values()) / wall / (machine()["cores"] or 1)
+        main = {"setting": best["setting"], "payouts": payouts.count,
+                **self.load_summary(result), **self.latency(result),
+                "applied_inline": result["answer_status"].get("processed", 0),
+                "final_status": settled, **self.applied_window(prefix),
+                "retries": self.retry_figures(prefix), "cpu_ms_per_event": cpu_ms,
+                "cpu_busy_share": busy, "profile": profile}
+        say("   CPU per event: " + ", ".join(f"{k} {v:.1f} ms" for k, v in cpu_ms.items())
+            + f"; the {machine()['cores']} cores were {100 * busy:.0f} % busy")
+        say(f"   {fmt(main['acknowledged'])} acknowledged at {fmt(main['ack_per_s'])}/s, "
+            f"{fmt(main['applied_inline'])} applied inline, {fmt(main['applied'])} applied in all "
+            f"({fmt(main['applied_per_s'])}/s); p50/p95/p99 {fmt(main['p50_ms'])}/"
+            f"{fmt(main['p95_ms'])}/{fmt(main['p99_ms'])} ms")
+
+        rate = max(1.0, (main["ack_per_s"] or 1) / 2)
+        count = max(50, int(rate * s.half_rate_s))
+        payouts = self.fresh_payouts(count)
+        prefix = self.new_prefix("H")
+        say(f"   half rate: {rate:.0f} events/s, open loop, {s.half_rate_s} s ...")
+        with self.stack(mode="inline", setting=setting, workers=2) as port:
+            result = self.send("half-rate", port, self.payout_plan(payouts, prefix),
+                               connections=64, rate=rate, max_s=s.half_rate_s * 3 + 30)
+            settled = self.wait_settled(prefix, s.settle_s)
+        half = {"rate": rate, **self.load_summary(result), **self.latency(result),
+                "service": self.latency(result, "service_s"), "final_status": settled,
+                "applied_inline": result["answer_status"].get("processed", 0),
+                "retries": self.retry_figures(prefix)}
+        say(f"   at {rate:.0f}/s: p50/p95/p99 {fmt(half['p50_ms'])}/{fmt(half['p95_ms'])}/"
+            f"{fmt(half['p99_ms'])} ms (from when each event was due)")
+        return {"sweep": sweep, "main": main, "half_rate": half}
+
+    # 3. ingest only, then drain ---------------------------------------------------------
+
+    def ingest(self) -> dict[str, Any]:
+        s = self.scale
+        setting = self.best_setting()
+        payouts = self.fresh_payouts(s.ingest_events)
+        prefix = self.new_prefix("I")
+        with self.stack(mode="deferred", setting=setting) as port:
+            result = self.send("ingest", port, self.payout_plan(payouts, prefix),
+                               connections=s.connections, max_s=s.e2e_max_s)
+        stored = self.outcome_counts(prefix)
+        say(f"   stored {fmt(result['acknowledged'])} at {fmt(result['ack_per_s'])}/s; "
+            "draining with 2 workers ...")
+        env = self.env(WEBHOOK_PROCESSING="deferred")
+        db_started = self.db.scalar("SELECT now()")
+        started = time.perf_counter()
+        try:
+            for i in range(2):
+                self.start_worker(f"drain-worker-{i}", env)
+            settled = self.wait_settled(prefix, s.drain_max_s)
+        finally:
+            for i in range(2):
+                self.procs.stop(f"drain-worker-{i}")
+        wall = time.perf_counter() - started
+        row = self.db.execute(
+            f"""SELECT count(*) FILTER (WHERE status NOT IN ('received', 'failed')),
+                       extract(epoch FROM max(processed_at) - %s)
+                FROM {data.EVENT} WHERE stripe_event_id LIKE %s""", [db_started, prefix + "%"])[0]
+        done, span = int(row[0]), float(row[1] or wall)
+        figures = {"setting": describe(setting),
+                   **self.load_summary(result), **self.latency(result),
+                   "stored": sum(stored.values()), "drained": done, "drain_s": span,
+                   "drain_per_s": done / span if span > 0 else None, "final_status": settled,
+                   "retries": self.retry_figures(prefix)}
+        say(f"   drained {fmt(done)} in {span:.1f} s: {fmt(figures['drain_per_s'])} events/s")
+        return figures
+
+    def best_setting(self) -> tuple[str, int, int]:
+        e2e = self.sections.get("e2e")
+        if e2e and e2e.figures.get("sweep"):
+            best = max(e2e.figures["sweep"], key=lambda r: r["ack_per_s"] or 0)
+            return tuple(best["gunicorn"])  # type: ignore[return-value]
+        return GUNICORN_SETTINGS[0]
+
+    # 4. hot rows ------------------------------------------------------------------------
+
+    def hot(self) -> dict[str, Any]:
+        s = self.scale
+        payouts = self.fresh_payouts(10)
+        prefix = self.new_prefix("Hot")
+        per_payout = max(2, s.hot_events // 10)
+        base = int(time.time()) - 2 * per_payout  # distinct created seconds per payout
+        plan = []
+        for j in range(1, per_payout + 1):  # round robin: each payout's events in order
+            for pid in range(payouts.first, payouts.last + 1):
+                event_type = "payout.paid" if j == per_payout else "payout.updated"
+                plan.append([f"{prefix}{pid}n{j}", event_type, f"po_B{pid}", base + j, None])
+        with self.stack(mode="inline", setting=self.best_setting(), workers=2) as port:
+            result = self.send("hot", port, plan, connections=8, max_s=s.e2e_max_s)
+            settled = self.wait_settled(prefix, s.settle_s + s.hot_events / 10)
+        newest = {f"po_B{pid}": f"{prefix}{pid}n{per_payout}"
+                  for pid in range(payouts.first, payouts.last + 1)}
+        rows = self.db.execute(
+            f"""SELECT p.stripe_payout_id, p.status, p.last_event_id, p.events_applied,
+                       (SELECT count(*) FROM {data.EVENT} e WHERE e.stripe_object_id =
+                        p.stripe_payout_id AND e.status = 'processed')
+                FROM {data.PAYOUT} p WHERE p.id BETWEEN %s AND %s""",
+            [payouts.first, payouts.last])
+        wrong = [r for r in rows if r[1] != "paid" or r[2] != newest[r[0]] or r[3] != 2 + r[4]]
+        transfers_wrong = int(self.db.scalar(
+            f"""SELECT count(*) FROM {data.TRANSFER} t JOIN {data.ITEM} i
+                ON i.payment_transfer_id = t.id WHERE i.payout_id BETWEEN %s AND %s
+                AND t.status <> 'paid'""", [payouts.first, payouts.last]))
+        figures = {"payouts": 10, "events": len(plan), **self.load_summary(result),
+                   **self.latency(result), **self.applied_window(prefix),
+                   "final_status": settled, "retries": self.retry_figures(prefix),
+                   "state_correct": not wrong and transfers_wrong == 0
+                   and not settled.get("received") and not settled.get("failed"),
+                   "wrong_payouts": [list(map(str, r)) for r in wrong],
+                   "transfers_not_paid": transfers_wrong}
+        r = figures["retries"]
+        say(f"   {fmt(figures['ack_per_s'])} ack/s; settled {settled}; "
+            f"{fmt(r['tx_retries_per_event'], 2)} transaction retries and "
+            f"{fmt(r['attempts_per_event'], 2)} attempts per event; "
+            f"final state {'right' if figures['state_correct'] else 'WRONG'}")
+        return figures
+
+    # 5. the console at scale -------------------------------------------------------------
+
+    def console(self) -> dict[str, Any]:
+        s = self.scale
+        load = self.load_console()
+        from django.test import Client
+
+        client = Client()
+        client.force_login(self.user)
+        detail_pk = int(self.db.scalar(
+            f"SELECT id FROM {data.PAYOUT} WHERE status = 'paid' ORDER BY id DESC LIMIT 1"))
+        pages = {
+            "payouts page 1": "/payouts/",
+            "payouts filtered (status=failed, code)":
+                "/payouts/?status=failed&failure_code=no_account",
+            "payout detail": f"/payouts/{detail_pk}/",
+            "failed events": "/events/?status=failed",
+            "transaction logs": "/transactions/",
+            "health": "/health/",
+        }
+        from django.db import connection
+        from django.test.utils import CaptureQueriesContext
+
+        results = {}
+        for label, url in pages.items():
+            with CaptureQueriesContext(connection) as queries:  # also the warm-up
+                response = client.get(url)
+            if response.status_code != 200:
+                raise RuntimeError(f"{url} answered {response.status_code}")
+            captured = list(queries.captured_queries)
+            slowest = sorted(captured, key=lambda q: -float(q["time"]))[:3]
+            times = []
+            for _ in range(s.page_repeats):
+                started = time.perf_counter()
+                response = client.get(url)
+                times.append(time.perf_counter() - started)
+                assert response.status_code == 200
+            results[label] = {"url": url, "p50_ms": percentile(times, 50) * 1000,
+                              "p95_ms": percentile(times, 95) * 1000, "n": len(times),
+                              "bytes": len(response.content), "queries": len(captured),
+                              "slowest_queries": [{"ms": float(q["time"]) * 1000,
+                                                   "sql": q["sql"][:600]} for q in slowest]}
+            top = slowest[0] if slowest else {"time": 0, "sql": ""}
+            say(f"   {label:<40} p50 {results[label]['p50_ms']:8.1f} ms  "
+                f"p95 {results[label]['p95_ms']:8.1f} ms  ({len(captured)} queries; slowest "
+                f"{float(top['time']) * 1000:.0f} ms: {' '.join(top['sql'].split())[:70]})")
+        return {"data": load, "pages": results}
+
+    def load_console(self) -> dict[str, Any]:
+        """Top the database up to the console scale, in SQL; replay's failed events are
+        part of it."""
+        s = self.scale
+        started = time.perf_counter()
+        with self.loader() as cur:
+            have = dict(self.db.execute(
+                f"""SELECT 'payouts', count(*) FROM {data.PAYOUT} UNION ALL
+                    SELECT 'transactions', count(*) FROM {data.TXN} UNION ALL
+                    SELECT 'events', count(*) FROM {data.EVENT}"""))
+            payouts_needed = max(1, s.console_payouts - have["payouts"] - s.replay_events)
+            transactions_needed = (s.console_items * s.console_payouts - have["transactions"]
+                                   - s.replay_events * 3)
+            items = max(1, round(transactions_needed / payouts_needed))
+            mix = ("CASE WHEN mod(g, 100) < 70 THEN 'paid' WHEN mod(g, 100) < 80 THEN 'in_transit' "
+                   "WHEN mod(g, 100) < 87 THEN 'pending' WHEN mod(g, 100) < 95 THEN 'failed' "
+                   "ELSE 'canceled' END")
+            payouts = data.load_payouts(cur, payouts_needed, items=items, sellers=self.sellers,
+                                        status_sql=mix, age_days=1, spread_days=365,
+                                        parallel_url=self.db.url)
+            # The failed events staff would replay: payout.paid for in-transit payouts whose
+            # processing failed (as after a database outage).
+            replay_payouts = data.load_payouts(cur, s.replay_events, items=3,
+                                               sellers=self.sellers, age_days=2)
+            replay_events = data.load_events(
+                cur, payouts=replay_payouts, event_type="payout.paid", status="failed",
+                id_prefix="evt_Replay", age_days=0.5, spread_days=0.4, attempts=3,
+                error="OperationalError: terminating connection due to administrator command")
+            events_needed = max(0, s.console_events - have["events"] - s.replay_events)
+            per_payout = max(1, -(-events_needed // max(payouts_needed, 1)))
+            status_sql = ("CASE WHEN mod(x.id, 1000) = 0 THEN 'dead' WHEN mod(x.id, 100) = 1 "
+                          "THEN 'skipped' ELSE 'processed' END")
+            events = data.load_events(cur, payouts=payouts, event_type="payout.paid",
+                                      status="processed", id_prefix="evt_Con",
+                                      per_payout=per_payout, count=events_needed, age_days=1,
+                                      spread_days=365, status_sql=status_sql)
+            data.load_history(cur, events, payouts_first=payouts.first, per_payout=per_payout)
+            data.load_history(cur, replay_events, payouts_first=replay_payouts.first,
+                              per_payout=1)
+            loaded_s = time.perf_counter() - started
+            data.analyze(cur)
+            counts = dict(self.db.execute(
+                f"""SELECT 'payouts', count(*) FROM {data.PAYOUT} UNION ALL
+                    SELECT 'transactions', count(*) FROM {data.TXN} UNION ALL
+                    SELECT 'events', count(*) FROM {data.EVENT} UNION ALL
+                    SELECT 'attempts', count(*) FROM {data.ATTEMPT} UNION ALL
+                    SELECT 'transaction logs', count(*) FROM {data.TXLOG} UNION ALL
+                    SELECT 'failed events', count(*) FROM {data.EVENT} WHERE status = 'failed'"""))
+        self.replay_ids = list(range(replay_events[0], replay_events[1] + 1))
+        figures = {"counts": {k: int(v) for k, v in counts.items()}, "load_s": loaded_s,
+                   "vacuum_analyze_s": time.perf_counter() - started - loaded_s,
+                   "database_size": self.db.scalar(
+                       "SELECT pg_size_pretty(pg_database_size(current_database()))")}
+        say(f"   loaded {', '.join(f'{fmt(v)} {k}' for k, v in figures['counts'].items())} "
+            f"in {loaded_s:.0f} s (+{figures['vacuum_analyze_s']:.0f} s VACUUM ANALYZE), "
+            f"{figures['database_size']}")
+        return figures
+
+    # 6. bulk replay ---------------------------------------------------------------------
+
+    def replay(self) -> dict[str, Any]:
+        from payouts.services.processing import event_replay
+
+        ids = getattr(self, "replay_ids", None)
+        if ids is None:  # the console section did not run: make the failed events here
+            payouts = self.fresh_payouts(self.scale.replay_events)
+            with self.loader() as cur:
+                first, last = data.load_events(
+                    cur, payouts=payouts, event_type="payout.paid", status="failed",
+                    id_prefix="evt_Replay", age_days=0.5, attempts=3, error="OperationalError")
+            ids = list(range(first, last + 1))
+        tally: dict[str, int] = {}
+        started = time.perf_counter()
+        for event_id in ids:
+            outcome = event_replay(event_id=event_id, requested_by=self.user)
+            tally[outcome.kind] = tally.get(outcome.kind, 0) + 1
+        seconds = time.perf_counter() - started
+        figures = {"events": len(ids), "seconds": seconds, "per_s": len(ids) / seconds,
+                   "outcomes": tally}
+        say(f"   {len(ids):,} replayed in {seconds:.1f} s: {figures['per_s']:.0f} events/s {tally}")
+        return figures
+
+    # 7. a failed payout with many transactions ------------------------------------------
+
+    def failed(self) -> dict[str, Any]:
+        from payouts import stripe_events
+        from payouts.models import TransactionLog, WebhookEventAttempt
+        from payouts.services import inbox
+        from payouts.services.processing import event_process
+
+        n = self.scale.failed_transactions
+        payouts = self.fresh_payouts(1, items=n, status="paid")
+        obj = stripe_events.payout_object(f"po_B{payouts.first}", status="failed",
+                                          **stripe_events.failed_payout_defaults())
+        event = stripe_events.payout_event("payout.failed", obj)
+        recorded = inbox.event_record(event, stripe_events.encode(event), {}, lease_s=60)
+        assert recorded.event_id is not None
+        started = time.perf_counter()
+        outcome = event_process(event_id=recorded.event_id,
+                                trigger=WebhookEventAttempt.Trigger.INLINE, payload=event)
+        wall = time.perf_counter() - started
+        log = TransactionLog.objects.filter(event_id=recorded.event_id).order_by("-id").first()
+        released = int(self.db.scalar(
+            f"""SELECT count(*) FROM {data.TXN} t JOIN {data.TRANSFER} tr
+                ON tr.payment_transaction_id = t.id JOIN {data.ITEM} i
+                ON i.payment_transfer_id = tr.id WHERE i.payout_id = %s AND NOT t.payed_out""",
+            [payouts.first]))
+        figures = {"transactions": n, "outcome": str(outcome.kind),
+                   "transaction_ms": log.duration_ms if log else None,
+                   "attempts": log.attempts if log else None, "wall_ms": wall * 1000,
+                   "released": released, "correct": released == n}
+        say(f"   {n:,} transactions released in one transaction of "
+            f"{fmt(figures['transaction_ms'])} ms ({figures['attempts']} attempt(s)); "
+            f"all released: {figures['correct']}")
+        return figures
+
+    # --- report ---------------------------------------------------------------------------
+
+    def report(self, started_at: datetime, seconds: float) -> dict[str, Any]:
+        return {"date": started_at.isoformat(timespec="seconds"), "scale": asdict(self.scale),
+                "machine": machine(), "total_s": seconds,
+                "sections": {name: {"figures": sec.figures, "seconds": sec.seconds,
+                                    "error": sec.error} for name, sec in self.sections.items()},
+                "summary": self.summary_rows()}
+
+    def summary_rows(self) -> list[list[str]]:
+        rows: list[list[str]] = []
+        f = {name: sec.figures for name, sec in self.sections.items()}
+        lim = f.get("limit", {})
+        limit_tps = (lim.get("processor_tx") or {}).get("tps")
+        request_tps = (lim.get("request") or {}).get("tps")
+
+        def ratio(value: float | None) -> str:
+            return f"{100 * value / limit_tps:.0f} %" if value and limit_tps else "—"
+
+        if lim:
+            p, r = lim["processor_tx"], lim["request"]
+            rows.append(["limit: pgbench, processor tx (SERIALIZABLE, 8 clients)",
+                         f"{fmt(limit_tps)} tx/s",
+                         f"retried {fmt(p['retried'])}, failed {fmt(p['failed'])}", "100 %"])
+            rows.append(["pgbench, whole request's SQL", f"{fmt(request_tps)} tx/s",
+                         f"retried {fmt(r['retried'])}, failed {fmt(r['failed'])}",
+                         ratio(request_tps)])
+            for name, w in (lim.get("what_if") or {}).items():
+                rows.append([f"what if: {name.replace('_', ' ')}", f"{fmt(w['tps'])} tx/s",
+                             f"retried {fmt(w['retried'])}, failed {fmt(w['failed'])}",
+                             ratio(w["tps"])])
+        e2e = f.get("e2e", {})
+        for row in e2e.get("sweep", []):
+            rows.append([f"e2e sweep: {row['setting']}", f"{fmt(row['ack_per_s'])} ack/s",
+                         f"p50 {fmt(row['p50_ms'])} / p99 {fmt(row['p99_ms'])} ms",
+                         ratio(row["ack_per_s"])])
+        if "main" in e2e:
+            m = e2e["main"]
+            rows.append([f"e2e inline ({m['setting']}, {m['connections']} conns)",
+                         f"{fmt(m['ack_per_s'])} ack/s",
+                         f"p50 {fmt(m['p50_ms'])} / p95 {fmt(m['p95_ms'])} / "
+                         f"p99 {fmt(m['p99_ms'])} ms; {fmt(m['acknowledged'])} events",
+                         ratio(m["ack_per_s"])])
+            rows.append(["e2e applied (inline + workers for postponed)",
+                         f"{fmt(m['applied_per_s'])} applied/s",
+                         f"{fmt(m['applied_inline'])} inline, {fmt(m['applied'])} in all; "
+                         f"{fmt(m['retries']['tx_retries_per_event'], 2)} tx retries/event",
+                         ratio(m["applied_per_s"])])
+        if "half_rate" in e2e:
+            h = e2e["half_rate"]
+            rows.append([f"e2e at half rate ({h['rate']:.0f}/s, open loop)",
+                         f"p99 {fmt(h['p99_ms'])} ms",
+                         f"p50 {fmt(h['p50_ms'])} / p95 {fmt(h['p95_ms'])} ms", ""])
+        ing = f.get("ingest", {})
+        if ing:
+            rows.append(["ingest only (deferred)", f"{fmt(ing['ack_per_s'])} events/s",
+                         f"p50 {fmt(ing['p50_ms'])} / p99 {fmt(ing['p99_ms'])} ms",
+                         ratio(ing["ack_per_s"])])
+            rows.append(["drain, 2 process_webhooks workers", f"{fmt(ing['drain_per_s'])} events/s",
+                         f"{fmt(ing['drained'])} in {fmt(ing['drain_s'])} s",
+                         ratio(ing["drain_per_s"])])
+        hot = f.get("hot", {})
+        if hot:
+            r = hot["retries"]
+            rows.append(["hot rows: 8 clients, 10 payouts", f"{fmt(hot['ack_per_s'])} ack/s, "
+                         f"{fmt(hot['applied_per_s'])} applied/s",
+                         f"{fmt(r['tx_retries_per_event'], 2)} tx retries + "
+                         f"{fmt(r['postponed_busy'] / max(r['events'], 1), 2)} postponements "
+                         f"per event; state {'right' if hot['state_correct'] else 'WRONG'}", ""])
+        con = f.get("console", {})
+        for label, page in (con.get("pages") or {}).items():
+            rows.append([f"console: {label}", f"p95 {fmt(page['p95_ms'])} ms",
+                         f"p50 {fmt(page['p50_ms'])} ms", ""])
+        rep = f.get("replay", {})
+        if rep:
+            rows.append([f"bulk replay of {fmt(rep['events'])} failed events",
+                         f"{fmt(rep['per_s'])} events/s", f"{fmt(rep['seconds'])} s", ""])
+        fail = f.get("failed", {})
+        if fail:
+            rows.append([f"failed payout, {fmt(fail['transactions'])} transactions",
+                         f"{fmt(fail['transaction_ms'])} ms", f"{fail['attempts']} attempt(s), "
+                         f"released {fmt(fail['released'])}", ""])
+        for name, sec in self.sections.items():
+            if sec.error:
+                rows.append([f"{name}: FAILED", "", sec.error.strip().splitlines()[-1][:80], ""])
+        return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="everything at small scale")
+    parser.add_argument("--out", type=Path, default=VAR / "results.json")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the gunicorn workers during the main end-to-end run")
+    parser.add_argument("--keep-db", action="store_true",
+                        help="leave the bench PostgreSQL running at the end (to inspect "
+                             "it); otherwise it is stopped and its files deleted")
+    parser.add_argument("--what-if", action="store_true",
+                        help="also run pgbench on variants of the SQL for proposed changes")
+    args = parser.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {sorted(unknown)}")
+    install_signal_handlers()
+    _quiet_structlog()
+    scale = Scale.quick() if args.quick else Scale.full()
+    bench = Bench(scale, only, what_if=args.what_if, profile=args.profile)
+    started_at, started = datetime.now(UTC), time.perf_counter()
+    say(f"bench ({scale.name} scale) on {machine()['cores']} cores; logs in {LOGS}")
+    random.seed(5)
+    try:
+        bench.setup()
+        bench.run_section("limit", bench.limit)
+        bench.run_section("e2e", bench.e2e)
+        bench.run_section("ingest", bench.ingest)
+        bench.run_section("hot", bench.hot)
+        bench.run_section("console", bench.console)
+        bench.run_section("replay", bench.replay)
+        bench.run_section("failed", bench.failed)
+    finally:
+        bench.procs.stop_all()
+        with contextlib.suppress(Exception):
+            from django.db import connections
+
+            connections.close_all()
+        if args.keep_db:
+            say(f"the bench database is left running: {bench.db.url} "
+                "(the next bench run stops and replaces it)")
+        else:
+            bench.db.remove()
+    seconds = time.perf_counter() - started
+    report = bench.report(started_at, seconds)
+    write_json(args.out, report)
+    say("\n" + table(report["summary"], ["figure", "value", "detail", "of limit"]))
+    say(f"\n{scale.name} run in {seconds:.0f} s; figures in {args.out.relative_to(REPO)}")
+    return 1 if any(sec.error for sec in bench.sections.values()) else 0
+
+
+def _quiet_structlog() -> None:
+    """The embedded-server helpers log at info; a benchmark prints only its figures."""
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
