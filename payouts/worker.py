@@ -50,7 +50,7 @@ WHERE status IN ('received', 'failed') AND next_attempt_at <= now() AND attempts
 
 
 class Worker:
-    def __init__(self, *, batch_size: int = 10, idle_sleep_s: float = 0.5,
+    def __init__(self, *, batch_size: int = 1, idle_sleep_s: float = 0.5,
                  name: str | None = None) -> None:
         self.batch_size = batch_size
         self.idle_sleep_s = idle_sleep_s

@@ -12,7 +12,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--once", action="store_true",
                             help="process what is due now, then exit")
-        parser.add_argument("--batch-size", type=int, default=10)
+        parser.add_argument("--batch-size", type=int, default=1,
+                            help="events leased per claim (a crash delays them all)")
         parser.add_argument("--idle-sleep", type=float, default=0.5,
                             help="seconds to wait when nothing is due")
 
