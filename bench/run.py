@@ -840,7 +840,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="everything at small scale")
-    parser.add_argument("--out", type=Path, default=VAR / "results.json")
+    parser.add_argument("--out", type=lambda p: Path(p).resolve(), default=VAR / "results.json")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the gunicorn workers during the main end-to-end run")

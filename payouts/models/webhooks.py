@@ -52,6 +52,9 @@ class WebhookEvent(models.Model):
             models.Index(fields=["type", "-received_at"]),
             models.Index(fields=["account", "-received_at"]),
             models.Index(fields=["-received_at"]),
+            # Health's processing latency: events settled in a window.
+            models.Index(fields=["processed_at"], include=["received_at"],
+                         condition=Q(processed_at__isnull=False), name="webhook_event_settled"),
         ]
 
     def __str__(self) -> str:
