@@ -19,13 +19,20 @@ def status_badge(value: str) -> str:
     return format_html('<span class="badge badge-{}">{}</span>', value, value.replace("_", " "))
 
 
+class BadgeColumn(tables.Column):
+    """A status code as a coloured badge: the code itself, not the choice's label."""
+
+    def render(self, record: Any, bound_column: Any) -> str:
+        return status_badge(bound_column.accessor.resolve(record))
+
+
 class PayoutTable(tables.Table):
     stripe_payout_id = tables.Column(verbose_name="Payout", linkify=True,
                                      attrs={"td": {"class": "mono"}})
     seller = tables.Column(accessor="seller__name", verbose_name="Seller",
                            order_by=("seller__name",), default="platform")
     amount = tables.Column()
-    status = tables.Column()
+    status = BadgeColumn()
     failure_code = tables.Column(verbose_name="Failure")
     arrival_date = tables.DateTimeColumn(format="Y-m-d", verbose_name="Arrival")
     last_event_type = tables.Column(verbose_name="Last event")
@@ -41,8 +48,6 @@ class PayoutTable(tables.Table):
     def render_amount(self, value: int, record: Payout) -> str:
         return money(value, record.currency)
 
-    def render_status(self, record: Any) -> str:
-        return status_badge(record.status)  # the code, not the choice's label
 
 
 class EventTable(tables.Table):
@@ -52,7 +57,7 @@ class EventTable(tables.Table):
     stripe_event_id = tables.Column(verbose_name="Event", linkify=True,
                                     attrs={"td": {"class": "mono"}})
     type = tables.Column()
-    status = tables.Column()
+    status = BadgeColumn()
     status_reason = tables.Column(verbose_name="Why", orderable=False)
     stripe_object_id = tables.Column(verbose_name="Object", attrs={"td": {"class": "mono"}})
     stripe_created = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Created",
@@ -70,8 +75,6 @@ class EventTable(tables.Table):
         row_attrs = {"id": lambda record: f"event-{record.pk}"}
         template_name = "console/_events_table.html"
 
-    def render_status(self, record: Any) -> str:
-        return status_badge(record.status)  # the code, not the choice's label
 
 
 class TransactionLogTable(tables.Table):
@@ -81,7 +84,7 @@ class TransactionLogTable(tables.Table):
     attempts = tables.Column()
     sqlstates = tables.Column(verbose_name="SQLSTATEs", orderable=False)
     duration_ms = tables.Column(verbose_name="Duration")
-    outcome = tables.Column()
+    outcome = BadgeColumn()
     event = tables.Column(accessor="event__stripe_event_id", verbose_name="Event",
                           orderable=False, default="")
 
@@ -98,8 +101,6 @@ class TransactionLogTable(tables.Table):
     def render_duration_ms(self, value: float) -> str:
         return f"{value:,.1f} ms"
 
-    def render_outcome(self, record: TransactionLog) -> str:
-        return status_badge(record.outcome)
 
     def render_event(self, value: str, record: TransactionLog) -> Any:
         url = reverse("event-detail", args=[record.event_id])

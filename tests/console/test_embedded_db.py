@@ -18,14 +18,9 @@ import pytest
 import structlog
 
 from console.embedded_db import EmbeddedDatabaseError, EmbeddedPostgres, _bin_path
+from tests.payouts.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
