@@ -383,15 +383,9 @@ class Bench:
         s = self.scale
         payouts = self.fresh_payouts(s.limit_payouts)
         with self.loader() as cur:
-            # Stored as processed: pgbench replays the statements whatever the status, and
-            # the workers of later sections must not find them waiting.
-            events = data.load_events(cur, payouts=payouts, event_type="payout.paid",
-                                      status="processed", id_prefix="evt_Lim")
-            cur.execute(f"ANALYZE {data.EVENT}")
             captured = limit.capture(cur, self.sellers)
         script, request_script = limit.write_scripts(captured)
-        variables = {"pid_lo": payouts.first, "pid_hi": payouts.last,
-                     "eoff": events[0] - payouts.first}
+        variables = {"pid_lo": payouts.first, "pid_hi": payouts.last}
         say(f"   captured {len(captured.transaction)} statements in the processor's transaction, "
             f"{len(captured.request)} in the whole delivery ({captured.outcome}); "
             f"pgbench {s.limit_s} s x 2 scripts ...")
@@ -718,21 +712,19 @@ class Bench:
 
     def failed(self) -> dict[str, Any]:
         from payouts import stripe_events
-        from payouts.models import TransactionLog, WebhookEventAttempt
-        from payouts.services import inbox
-        from payouts.services.processing import event_process
+        from payouts.models import TransactionLog
+        from payouts.services.processing import event_receive
 
         n = self.scale.failed_transactions
         payouts = self.fresh_payouts(1, items=n, status="paid")
         obj = stripe_events.payout_object(f"po_B{payouts.first}", status="failed",
                                           **stripe_events.failed_payout_defaults())
         event = stripe_events.payout_event("payout.failed", obj)
-        recorded = inbox.event_record(event, stripe_events.encode(event), {}, lease_s=60)
-        assert recorded.event_id is not None
         started = time.perf_counter()
-        outcome = event_process(event_id=recorded.event_id,
-                                trigger=WebhookEventAttempt.Trigger.INLINE, payload=event)
+        recorded = event_receive(event, stripe_events.encode(event), {})
         wall = time.perf_counter() - started
+        assert recorded.event_id is not None and recorded.outcome is not None
+        outcome = recorded.outcome
         log = TransactionLog.objects.filter(event_id=recorded.event_id).order_by("-id").first()
         released = int(self.db.scalar(
             f"""SELECT count(*) FROM {data.TXN} t JOIN {data.TRANSFER} tr

@@ -29,6 +29,8 @@ def configure(log_format: str, level: str) -> dict[str, Any]:
 
     structlog.configure(
         processors=[
+            # Drop a disabled level first, before any work is done for it.
+            structlog.stdlib.filter_by_level,
             *_SHARED_PROCESSORS,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],

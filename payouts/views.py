@@ -1,4 +1,4 @@
-"""POST /webhooks/stripe/: verify, store once, answer at once (then process inline, if so set).
+"""POST /webhooks/stripe/: verify, store once, answer at once (applying it first, inline).
 
 The answer never depends on processing: once the event is stored it is 200,
 whatever happens next; the inbox owns retries.
@@ -10,9 +10,8 @@ from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from payouts.models import WebhookEventAttempt
 from payouts.services import inbox
-from payouts.services.processing import event_process
+from payouts.services.processing import event_receive
 
 log = structlog.get_logger(__name__)
 
@@ -47,24 +46,22 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
     except inbox.Rejected as rejection:
         return _refuse(request, rejection)
 
-    inline = settings.WEBHOOK_PROCESSING == "inline"
+    headers = inbox.sanitised_headers(request.headers)
+    answer: dict[str, object]
     try:
-        recorded = inbox.event_record(payload, body, inbox.sanitised_headers(request.headers),
-                                      lease_s=settings.WEBHOOK_LEASE_SECONDS if inline else 0)
+        if settings.WEBHOOK_PROCESSING == "inline":
+            received = event_receive(payload, body, headers)
+            answer = {"received": True, "duplicate": received.duplicate}
+            if received.outcome is not None:
+                answer["status"] = received.outcome.status_after
+        else:
+            recorded = inbox.event_record(payload, body, headers, lease_s=0)
+            answer = {"received": True, "duplicate": recorded.duplicate}
     except DatabaseError:
         # Not stored, so not acknowledged: Stripe delivers it again later.
         log.exception("webhook.store_failed", stripe_event=payload["id"])
         return JsonResponse({"error": "unavailable", "detail": "the event could not be "
                              "stored; it will be accepted when redelivered"}, status=503)
     log.info("webhook.received", stripe_event=payload["id"], type=payload["type"],
-             duplicate=recorded.duplicate)
-    answer = {"received": True, "duplicate": recorded.duplicate}
-    if inline and recorded.event_id is not None:
-        try:  # stored and committed: nothing from here on may turn into a 5xx
-            outcome = event_process(event_id=recorded.event_id,
-                                    trigger=WebhookEventAttempt.Trigger.INLINE,
-                                    nowait=True, payload=payload)
-            answer["status"] = outcome.status_after
-        except Exception:
-            log.exception("webhook.inline_processing_crashed", stripe_event=payload["id"])
+             duplicate=answer["duplicate"], status=answer.get("status"))
     return JsonResponse(answer)

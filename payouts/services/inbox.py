@@ -173,6 +173,11 @@ def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], 
     return Recorded(event_id=row[0], duplicate=False)
 
 
+def is_stored(stripe_event_id: str) -> bool:
+    """Whether an event with this id is in the inbox already (a duplicate delivery)."""
+    return WebhookEvent.objects.filter(stripe_event_id=stripe_event_id).exists()
+
+
 def rejection_count(reason: str) -> None:
     """Count a refused delivery: one row per reason, updated in place."""
     with connection.cursor() as cursor:

@@ -28,7 +28,7 @@ from payouts.models import (
 )
 from payouts.roles import ensure_roles
 from payouts.services import inbox
-from payouts.services.processing import event_process
+from payouts.services.processing import event_process, event_receive
 
 DAY = 86400
 
@@ -166,13 +166,9 @@ class Command(BaseCommand):
         body = stripe_events.encode(event)
         headers = {"content-type": "application/json; charset=utf-8",
                    "user-agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}
-        recorded = inbox.event_record(event, body, headers, lease_s=60)
-        if recorded.event_id is None:
-            return 0
         if process:
-            event_process(event_id=recorded.event_id, trigger=WebhookEventAttempt.Trigger.INLINE,
-                          payload=event)
-        return 1
+            return 0 if event_receive(event, body, headers).duplicate else 1
+        return 0 if inbox.event_record(event, body, headers, lease_s=60).duplicate else 1
 
     def _troubled_events(self) -> int:
         """Failed, dead and ignored events for the console's failure views."""
