@@ -297,20 +297,21 @@ def retry_on_deadlock(
 def financial_transaction(func: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
 def financial_transaction(
-    func: None = None, /, *, max_retries: int = 3, operation: str | None = None,
-    using: str | None = None,
+    func: None = None, /, *, max_retries: int = 3, delay: float = 0.1,
+    operation: str | None = None, using: str | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 def financial_transaction(
-    func: Callable[P, R] | None = None, /, *, max_retries: int = 3,
+    func: Callable[P, R] | None = None, /, *, max_retries: int = 3, delay: float = 0.1,
     operation: str | None = None, using: str | None = None,
 ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
-    """What money-moving code wants: SERIALIZABLE, retried whole on 40001/40P01."""
+    """What money-moving code wants: SERIALIZABLE, retried whole on 40001/40P01
+    (``delay``: the first back-off ceiling, see ``retry_on_deadlock``)."""
 
     def decorator(inner: Callable[P, R]) -> Callable[P, R]:
         name = operation or inner.__qualname__
         isolated = atomic_with_isolation(IsolationLevel.SERIALIZABLE, using=using,
                                          operation=name)(inner)
-        return retry_on_deadlock(max_retries, using=using, operation=name)(isolated)
+        return retry_on_deadlock(max_retries, delay, using=using, operation=name)(isolated)
 
     return decorator if func is None else decorator(func)
 

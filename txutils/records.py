@@ -41,7 +41,7 @@ class TransactionRecord:
     context: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 Sink = Callable[[TransactionRecord], None]

@@ -175,7 +175,10 @@ def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], 
 
 def is_stored(stripe_event_id: str) -> bool:
     """Whether an event with this id is in the inbox already (a duplicate delivery)."""
-    return WebhookEvent.objects.filter(stripe_event_id=stripe_event_id).exists()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT 1 FROM {WebhookEvent._meta.db_table} WHERE stripe_event_id = %s",
+                       [stripe_event_id])
+        return cursor.fetchone() is not None
 
 
 def rejection_count(reason: str) -> None:

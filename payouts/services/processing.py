@@ -44,6 +44,9 @@ from payouts.services.seller_payouts import METADATA_KEY
 log = structlog.get_logger(__name__)
 
 LOCK_NOT_AVAILABLE = "55P03"  # NOWAIT found the row locked
+# The processor's transaction lasts milliseconds, so the one it collided with has
+# usually finished within a few: back off from 10 ms, not the default 100 ms.
+RETRY_DELAY_S = 0.01
 Trigger = WebhookEventAttempt.Trigger
 Status = WebhookEvent.Status
 
@@ -64,6 +67,29 @@ class ProcessingOutcome:
     reason: str
     payout_id: int | None = None
     status_after: str = ""  # the event's status once settled
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A delivery not stored yet: the fields of WebhookEvent the processor reads."""
+
+    stripe_event_id: str
+    type: str
+    account: str
+    livemode: bool
+    stripe_created: datetime
+    attempts: int = 1  # the inline attempt counts
+    status: str = "received"
+
+    @classmethod
+    def of(cls, payload: dict[str, Any]) -> NewEvent:
+        return cls(stripe_event_id=payload["id"], type=payload["type"],
+                   account=payload.get("account") or "",
+                   livemode=bool(payload.get("livemode", False)),
+                   stripe_created=datetime.fromtimestamp(payload["created"], tz=UTC))
+
+
+AnyEvent = WebhookEvent | NewEvent  # stored, or a delivery being stored inline
 
 
 def _from_unix(value: Any) -> datetime | None:
@@ -140,7 +166,7 @@ def _lock_clause(nowait: bool) -> str:
     return " NOWAIT" if nowait else ""
 
 
-def _apply_event(event: WebhookEvent, payout_object: dict[str, Any], *,
+def _apply_event(event: AnyEvent, payout_object: dict[str, Any], *,
                  nowait: bool) -> ProcessingOutcome:
     """The seed's eight steps; the caller holds the SERIALIZABLE transaction."""
     stripe_payout_id = payout_object["id"]
@@ -211,7 +237,7 @@ def _payout_link(payout_object: dict[str, Any], *, nowait: bool) -> Payout | Non
     return payout
 
 
-def _payout_create(event: WebhookEvent, payout_object: dict[str, Any]) -> ProcessingOutcome:
+def _payout_create(event: AnyEvent, payout_object: dict[str, Any]) -> ProcessingOutcome:
     """An unknown payout: created from ``payout.created``; any other event waits for it,
     because a webhook can beat the commit of a payout we are creating ourselves."""
     stripe_payout_id = payout_object["id"]
@@ -279,7 +305,7 @@ def event_process(
     return outcome
 
 
-@txutils.financial_transaction(operation="webhook.process_event")
+@txutils.financial_transaction(operation="webhook.process_event", delay=RETRY_DELAY_S)
 def _process(event_id: int, trigger: str, nowait: bool) -> ProcessingOutcome:
     event = WebhookEvent.objects.select_for_update(nowait=nowait).defer("headers").get(pk=event_id)
     txutils.annotate(event_id=event.pk)
@@ -295,7 +321,7 @@ def _process(event_id: int, trigger: str, nowait: bool) -> ProcessingOutcome:
     return ProcessingOutcome(outcome.kind, outcome.reason, outcome.payout_id, event.status)
 
 
-def _run(event: WebhookEvent, payload: dict[str, Any], *, nowait: bool) -> ProcessingOutcome:
+def _run(event: AnyEvent, payload: dict[str, Any], *, nowait: bool) -> ProcessingOutcome:
     """What the processor does with an event: apply it, or say why it is ignored."""
     if event.type not in transitions.HANDLED_TYPES:
         return ProcessingOutcome(Kind.IGNORED, f"{event.type} is not handled")
@@ -305,7 +331,7 @@ def _run(event: WebhookEvent, payload: dict[str, Any], *, nowait: bool) -> Proce
     return _apply_event(event, payload["data"]["object"], nowait=nowait)
 
 
-def _settlement(event: WebhookEvent, outcome: ProcessingOutcome) -> dict[str, Any]:
+def _settlement(event: AnyEvent, outcome: ProcessingOutcome) -> dict[str, Any]:
     """The event's fields once ``outcome`` is settled, in the processing transaction."""
     now = timezone.now()
     fields: dict[str, Any] = {"status_reason": outcome.reason[:255]}
@@ -419,27 +445,23 @@ def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str])
     return Received(recorded.event_id, outcome)
 
 
-@txutils.financial_transaction(operation="webhook.process_event")
+@txutils.financial_transaction(operation="webhook.process_event", delay=RETRY_DELAY_S)
 def _store_and_apply(payload: dict[str, Any], body: bytes, headers: dict[str, str],
                      received_at: datetime) -> Received:
-    event = WebhookEvent(
-        stripe_event_id=payload["id"], type=payload["type"],
-        account=payload.get("account") or "", livemode=bool(payload.get("livemode", False)),
-        api_version=payload.get("api_version") or "",
-        stripe_created=datetime.fromtimestamp(payload["created"], tz=UTC),
-        stripe_object_id=payload["data"]["object"].get("id") or "",
-        status=Status.RECEIVED, attempts=1,  # this attempt counts
-    )
+    event = NewEvent.of(payload)
     outcome = _run(event, payload, nowait=True)
     settled = {"next_attempt_at": None, "last_error": "", "processed_at": None,
                **_settlement(event, outcome)}
     with connection.cursor() as cursor:
         cursor.execute(EVENT_SETTLED_INSERT_SQL, {
-            **{field: getattr(event, field) for field in (
-                "stripe_event_id", "type", "account", "livemode", "api_version",
-                "stripe_created", "stripe_object_id", "attempts")},
-            "raw_body": body, "headers": json.dumps(headers), "received_at": received_at,
-            "trigger": Trigger.INLINE, "outcome": outcome.kind, **settled,
+            "stripe_event_id": event.stripe_event_id, "type": event.type,
+            "account": event.account, "livemode": event.livemode,
+            "api_version": payload.get("api_version") or "",
+            "stripe_created": event.stripe_created,
+            "stripe_object_id": payload["data"]["object"].get("id") or "",
+            "attempts": event.attempts, "raw_body": body, "headers": json.dumps(headers),
+            "received_at": received_at, "trigger": Trigger.INLINE, "outcome": outcome.kind,
+            **settled,
         })
         row = cursor.fetchone()
     if row is None:
