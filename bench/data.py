@@ -2,7 +2,9 @@
 
 Every payout is shaped as ``create_payouts`` leaves one: its transactions paid out,
 one transfer per transaction, one payout item per transfer. A payout ``id`` maps
-to the Stripe id ``po_B<id>``; a transaction, its transfer and its payout item
+to a Stripe id ``po_<24 hex digits>`` (``stripe_payout_id``): like Stripe's own ids
+they do not sort in creation order, so payouts made together are not neighbours in
+the id's index. A transaction, its transfer and its payout item
 share one id (``tr_B<id>`` for the transfer). Rows get explicit ids above the
 largest one in use, and the identity sequences are moved past them afterwards,
 so the ORM can keep inserting.
@@ -13,6 +15,7 @@ type's zero value, so a schema change in the product does not break the loaders.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -28,6 +31,16 @@ SELLER = "payouts_seller"
 EVENT = "payouts_webhookevent"
 ATTEMPT = "payouts_webhookeventattempt"
 TXLOG = "payouts_transactionlog"
+
+def payout_id(pid: int) -> str:
+    """The Stripe id of bench payout ``pid`` (see the module docstring)."""
+    return "po_" + hashlib.md5(str(pid).encode()).hexdigest()[:24]
+
+
+def payout_id_sql(pid: str) -> str:
+    """``payout_id`` as an SQL expression over the integer expression ``pid``."""
+    return f"('po_' || substr(md5(({pid})::text), 1, 24))"
+
 
 FAILURE_CODES = ["account_closed", "insufficient_funds", "no_account",
                  "invalid_account_number", "could_not_process", "bank_account_restricted"]
@@ -150,7 +163,7 @@ def load_payouts(cur: Any, count: int, *, items: int, sellers: tuple[int, int],
         insert_select(c, PAYOUT, {
             "id": "p.id",
             "seller_id": f"{sellers[0]} + mod(p.id, {n_sellers})",
-            "stripe_payout_id": "'po_B' || p.id",
+            "stripe_payout_id": payout_id_sql("p.id"),
             "amount": f"{items} * (1000 + mod(p.id, 5000))",
             "currency": "'usd'",
             "status": "p.status",
@@ -253,9 +266,9 @@ def load_events(cur: Any, *, payouts: Payouts, event_type: str, status: str,
         "livemode": "false",
         "api_version": f"'{stripe_events.API_VERSION}'",
         "stripe_created": f"to_timestamp(floor(extract(epoch FROM {received})))",
-        "stripe_object_id": "'po_B' || x.payout_id",
+        "stripe_object_id": payout_id_sql("x.payout_id"),
         "raw_body": f"""convert_to(replace(replace(replace(replace(replace(%s,
-                        '{_PO}', 'po_B' || x.payout_id), '{_EVT}', '{id_prefix}' || x.id),
+                        '{_PO}', {payout_id_sql("x.payout_id")}), '{_EVT}', '{id_prefix}' || x.id),
                         '"{_ACCT}"', 'null'),
                         '{_CREATED}', floor(extract(epoch FROM {received}))::bigint::text),
                         '{_ARRIVAL}',

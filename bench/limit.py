@@ -57,7 +57,7 @@ def capture(cur: Any, sellers: tuple[int, int]) -> Captured:
                       first_line=CAPTURE_PAYOUT)
     cur.execute(f"SELECT setval(pg_get_serial_sequence('{data.EVENT}', 'id'), %s)",
                 [CAPTURE_EVENT - 1])
-    obj = stripe_events.payout_object(f"po_B{CAPTURE_PAYOUT}", status="paid")
+    obj = stripe_events.payout_object(data.payout_id(CAPTURE_PAYOUT), status="paid")
     event = stripe_events.payout_event("payout.paid", obj, event_id=CAPTURE_EVENT_ID)
     body = stripe_events.encode(event)
     headers = {"content-type": "application/json; charset=utf-8",
@@ -104,7 +104,7 @@ def _remove_capture_rows(cur: Any) -> None:
 
 def _templated(statement: str, event_var: str) -> str:
     """The captured statement with the payout and event made pgbench variables."""
-    text = statement.replace(f"'po_B{CAPTURE_PAYOUT}'", "('po_B' || :pid)")
+    text = statement.replace(f"'{data.payout_id(CAPTURE_PAYOUT)}'", data.payout_id_sql(":pid"))
     # A new Stripe event id each run. pgbench repeats its random numbers when it retries
     # a run, which is right: the failed run's event was rolled back with it.
     text = text.replace(f"'{CAPTURE_EVENT_ID}'", "('evt_P' || :evt)")

@@ -331,7 +331,8 @@ class Bench:
         created = created or int(time.time())
         return [[f"{prefix}{pid}",
                  "payout.failed" if pid % failed_every == 0 else "payout.paid",
-                 f"po_B{pid}", created, None] for pid in range(payouts.first, payouts.last + 1)]
+                 data.payout_id(pid), created, None]
+                for pid in range(payouts.first, payouts.last + 1)]
 
     def fresh_payouts(self, count: int, *, items: int = 3, status: str = "in_transit"
                       ) -> data.Payouts:
@@ -547,11 +548,11 @@ class Bench:
         for j in range(1, per_payout + 1):  # round robin: each payout's events in order
             for pid in range(payouts.first, payouts.last + 1):
                 event_type = "payout.paid" if j == per_payout else "payout.updated"
-                plan.append([f"{prefix}{pid}n{j}", event_type, f"po_B{pid}", base + j, None])
+                plan.append([f"{prefix}{pid}n{j}", event_type, data.payout_id(pid), base + j, None])
         with self.stack(mode="inline", setting=self.best_setting(), workers=2) as port:
             result = self.send("hot", port, plan, connections=8, max_s=s.e2e_max_s)
             settled = self.wait_settled(prefix, s.settle_s + s.hot_events / 10)
-        newest = {f"po_B{pid}": f"{prefix}{pid}n{per_payout}"
+        newest = {data.payout_id(pid): f"{prefix}{pid}n{per_payout}"
                   for pid in range(payouts.first, payouts.last + 1)}
         rows = self.db.execute(
             f"""SELECT p.stripe_payout_id, p.status, p.last_event_id, p.events_applied,
@@ -717,7 +718,7 @@ class Bench:
 
         n = self.scale.failed_transactions
         payouts = self.fresh_payouts(1, items=n, status="paid")
-        obj = stripe_events.payout_object(f"po_B{payouts.first}", status="failed",
+        obj = stripe_events.payout_object(data.payout_id(payouts.first), status="failed",
                                           **stripe_events.failed_payout_defaults())
         event = stripe_events.payout_event("payout.failed", obj)
         started = time.perf_counter()

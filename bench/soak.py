@@ -68,7 +68,8 @@ def make_plan(first_payout: int, events: int, rng: random.Random, *, duplicate_s
         steps = 3 if pid % 4 == 0 else 2
         for n in range(steps):
             event_type, _status = TYPES[n]
-            distinct.append([f"evt_Soak{pid}n{n}", event_type, f"po_B{pid}", base + n * 60, None])
+            distinct.append([f"evt_Soak{pid}n{n}", event_type, data.payout_id(pid),
+                             base + n * 60, None])
         pid += 1
     distinct = distinct[:events]
     payouts = pid - first_payout

@@ -137,7 +137,7 @@ WITH payout AS (
         last_event_created = %(event_created)s,
         events_applied = events_applied + 1,
         updated_at = now()
-    WHERE id = %(payout)s
+    WHERE stripe_payout_id = %(stripe_payout_id)s
 ), items AS (
     SELECT payment_transfer_id FROM {ITEM}
     WHERE payout_id = %(payout)s AND %(settles)s
@@ -201,7 +201,7 @@ def _apply_event(event: AnyEvent, payout_object: dict[str, Any], *,
     transfer_status, transfer_from = TRANSFER_MOVES.get(new_status, ("", []))
     with connection.cursor() as cursor:
         cursor.execute(PAYOUT_APPLY_SQL.format(lock=_lock_clause(nowait)), {
-            "payout": payout_id, "status": new_status,
+            "payout": payout_id, "stripe_payout_id": stripe_payout_id, "status": new_status,
             "arrival_date": _from_unix(payout_object.get("arrival_date")),
             "metadata": json.dumps(metadata) if isinstance(metadata, dict) else None,
             "failed": failed,
