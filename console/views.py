@@ -217,10 +217,12 @@ def health(request: HtmxHttpRequest) -> HttpResponse:
     day, month = now - timedelta(hours=23), now - timedelta(days=30)
     stuck_count, stuck = selectors.stuck_in_transit(limit=5)
     hourly = selectors.retries_over_time(day)
+    summary = selectors.ledger_summary()
     return _page(request, "console/health.html", {
-        "by_status": selectors.payouts_by_status(),
+        "by_status": summary.by_status,
+        "summary_at": summary.computed_at,
         "failure_codes": selectors.failure_codes(month),
-        "seller_failures": selectors.seller_failure_rates(month),
+        "seller_failures": summary.seller_failures,
         "stuck_count": stuck_count,
         "stuck": stuck,
         "backlog": selectors.event_backlog(),

@@ -3,10 +3,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 
 from tests.dbsessions import Session
 from tests.payouts.helpers import Server, server_env
+
+
+@pytest.fixture(autouse=True)
+def empty_cache() -> None:
+    """Each test starts without cached summaries from the one before."""
+    cache.clear()
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 from django.contrib.auth.models import Group, User
+from django.core.cache import cache
 from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 
 from payouts.models import Payout, WebhookEvent
+from tests.factories import make_payout
 
 pytestmark = pytest.mark.django_db
 
@@ -150,6 +152,26 @@ def test_health_figures(demo):
     assert b"<svg" in response.content
 
 
+
+
+def test_health_ledger_totals_are_computed_once_a_minute(demo):
+    """The whole-ledger totals come from a one-minute summary, shown with its time."""
+    client = client_for("Managers")
+    def paid(context: dict) -> int:
+        return sum(row["count"] for row in context["by_status"] if row["status"] == "paid")
+
+    first = client.get(reverse("health")).context
+    make_payout(status="paid")
+
+    again = client.get(reverse("health")).context
+    assert again["summary_at"] == first["summary_at"]
+    assert again["by_status"] == first["by_status"]
+
+    cache.clear()  # as if the minute had passed
+    fresh = client.get(reverse("health")).context
+    assert fresh["summary_at"] > first["summary_at"]
+    assert paid(fresh) == paid(first) + 1
+    assert b"as of" in client.get(reverse("health")).content
 
 
 def test_seller_payouts_show_eligible_balances(demo):

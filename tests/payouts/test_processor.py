@@ -20,12 +20,14 @@ from payouts.models import (
     Payout,
     TransactionLog,
     WebhookEvent,
+    WebhookEventAttempt,
 )
 from payouts.services import inbox
 from payouts.services.processing import (
     Kind,
     ProcessingOutcome,
     event_process,
+    event_receive,
     update_payout_from_webhook,
 )
 from tests.factories import make_payout, make_seller
@@ -69,6 +71,13 @@ def deliver(event: dict[str, Any], trigger: str = "inline") -> tuple[WebhookEven
     outcome = process(row, trigger)
     row.refresh_from_db()
     return row, outcome
+
+
+def receive(event: dict[str, Any]) -> tuple[WebhookEvent, ProcessingOutcome]:
+    """Receive an event as the endpoint does in inline mode: stored and applied at once."""
+    received = event_receive(event, stripe_events.encode(event), {})
+    assert received.event_id is not None and received.outcome is not None
+    return WebhookEvent.objects.get(pk=received.event_id), received.outcome
 
 
 def txns_of(payout: Payout) -> list[PaymentTransaction]:
@@ -366,10 +375,12 @@ def test_a_livemode_event_on_a_test_deployment_is_ignored(settings):
 # --- records: transaction log and attempts -----------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["stored", "inline"])
 @pytest.mark.parametrize("case", ["applied", "skipped", "retry", "ignored", "created"])
-def test_every_processing_writes_one_transaction_log_and_one_attempt(case):
+def test_every_processing_writes_one_transaction_log_and_one_attempt(case, path):
     """Each run: one serializable, committed TransactionLog row for the event (and payout when
-    known) and one WebhookEventAttempt with the outcome."""
+    known) and one WebhookEventAttempt with the outcome, whether the event was stored first
+    (workers, replays) or is stored by the same transaction (inline)."""
     payout = make_payout(status="in_transit", transactions=2)
     po = payout.stripe_payout_id
     if case == "skipped":
@@ -385,9 +396,10 @@ def test_every_processing_writes_one_transaction_log_and_one_attempt(case):
                     "new"),
     }[case]
 
-    row, outcome = deliver(event)
+    row, outcome = deliver(event) if path == "stored" else receive(event)
 
     assert outcome.kind == expected_kind
+    assert outcome.status_after == row.status and row.attempts == 1
     [log] = TransactionLog.objects.all()
     assert log.operation == "webhook.process_event"
     assert log.isolation_level == "serializable"
@@ -405,6 +417,19 @@ def test_every_processing_writes_one_transaction_log_and_one_attempt(case):
     assert attempt.status_after == row.status
     assert attempt.error == "" and attempt.requested_by is None
     assert attempt.started_at <= attempt.finished_at
+
+
+def test_deleting_an_event_deletes_its_attempts():
+    """Attempts keep no database constraint on their event (see the model); Django's
+    cascade still removes them with it."""
+    payout = make_payout(status="in_transit", transactions=1)
+    row, _ = receive(payout_evt("payout.paid", payout.stripe_payout_id, "paid", at=10))
+    process(row, trigger="worker")
+    assert row.attempts_log.count() == 2
+
+    WebhookEvent.objects.filter(pk=row.pk).delete()
+
+    assert not WebhookEventAttempt.objects.filter(event_id=row.pk).exists()
 
 
 def test_the_failed_reset_is_one_update_statement_for_fifty_transactions():
