@@ -79,7 +79,7 @@ class NewEvent:
     livemode: bool
     stripe_created: datetime
     attempts: int = 1  # the inline attempt counts
-    status: str = "received"
+    status: str = Status.RECEIVED
 
     @classmethod
     def of(cls, payload: dict[str, Any]) -> NewEvent:
@@ -124,6 +124,9 @@ WHERE stripe_payout_id = %s FOR UPDATE"""
 # payout settles, its items are locked by id (the same order for every processor)
 # before its transfers, and for a failure its transactions, are updated in bulk:
 # the money did not reach the bank, so the transactions are released again.
+# The payout is found by its Stripe id, the index page its lock already read: by our
+# id, SERIALIZABLE would also read the primary key's page, where the updates of
+# neighbouring payouts insert, and report conflicts between unrelated deliveries.
 PAYOUT_APPLY_SQL = f"""
 WITH payout AS (
     UPDATE {PAYOUT} SET
@@ -172,7 +175,7 @@ def _apply_event(event: AnyEvent, payout_object: dict[str, Any], *,
     stripe_payout_id = payout_object["id"]
     event_created = event.stripe_created
 
-    # Step 1: the payout, locked (first lock after the event's own).
+    # Step 1: the payout, locked (after the event's own, when the event was stored first).
     with connection.cursor() as cursor:
         cursor.execute(PAYOUT_LOCK_SQL + _lock_clause(nowait), [stripe_payout_id])
         row = cursor.fetchone()
