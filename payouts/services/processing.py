@@ -365,7 +365,7 @@ def _after_failure(event_id: int, exc: Exception, *,
                                   counted=counted)
         return outcome, error, ""
     log.error("webhook.processing_failed", event_pk=event_id, error=error)
-    return _event_fail(event_id, error), error, traceback.format_exc()
+    return _event_fail(event_id, error), error, "".join(traceback.format_exception(exc))
 
 
 # --- inline: store and apply in one transaction ---------------------------------------
@@ -430,7 +430,7 @@ def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str])
     except Exception as exc:
         failure = exc
     if not connection.in_atomic_block:
-        connection.close_if_unusable_or_obsolete()
+        connection.close_if_unusable_or_obsolete()  # reconnect after a lost connection
     recorded = inbox.event_record(payload, body, headers,
                                   lease_s=settings.WEBHOOK_LEASE_SECONDS)
     if recorded.event_id is None:

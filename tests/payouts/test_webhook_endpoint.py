@@ -491,7 +491,9 @@ def test_a_crash_while_applying_is_stored_as_failed_not_a_5xx(inline_server):
     stored = WebhookEvent.objects.get()
     assert (stored.status, stored.next_attempt_at is not None) == ("failed", True)
     assert stored.last_error
-    assert WebhookEventAttempt.objects.get().outcome == "failed"
+    attempt = WebhookEventAttempt.objects.get()
+    assert attempt.outcome == "failed"
+    assert "Traceback" in attempt.traceback and "_store_and_apply" in attempt.traceback
     assert _payout_state(payout) == state
 
 
