@@ -841,7 +841,7 @@ def main(argv: list[str]) -> int:
                         help="leave the bench PostgreSQL running at the end (to inspect "
                              "it); otherwise it is stopped and its files deleted")
     parser.add_argument("--what-if", action="store_true",
-                        help="also run pgbench on variants of the SQL for proposed changes")
+                        help="also run both pgbench scripts at READ COMMITTED")
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     unknown = set(only) - set(SECTIONS)
