@@ -38,6 +38,7 @@ from tests.payouts.helpers import (
     Server,
     deliver,
     post,
+    run_worker,
     server_env,
 )
 
@@ -415,7 +416,7 @@ def _all_at_once(count: int, action: Callable[[], Answer]) -> list[Answer]:
     return results
 
 
-def test_sixteen_simultaneous_deliveries_apply_the_event_once(inline_server):
+def test_sixteen_simultaneous_deliveries_apply_the_event_once(inline_server, worker_env):
     """16 deliveries of one event at once: all 200, one stored event, one applied effect."""
     payout = make_payout(status="paid", transactions=4)
     body = stripe_events.encode(_paid_to_failed(payout))
@@ -425,16 +426,27 @@ def test_sixteen_simultaneous_deliveries_apply_the_event_once(inline_server):
 
     assert [a.status for a in answers] == [200] * 16, [a.body for a in answers]
     assert sorted(a.json()["duplicate"] for a in answers) == [False] + [True] * 15
-    assert [a.json().get("status") for a in answers if not a.json()["duplicate"]] == ["processed"]
+    [first] = [a.json()["status"] for a in answers if not a.json()["duplicate"]]
     event = WebhookEvent.objects.get()
-    assert (event.status, event.attempts) == ("processed", 1)
-    attempt = WebhookEventAttempt.objects.get()
-    assert (attempt.event_id, attempt.outcome, attempt.trigger) == (event.pk, "applied", "inline")
+    if first == "received":
+        # The delivery that stored the event found a twin holding the payout (NOWAIT)
+        # and left it to the inbox, as any busy delivery; a worker applies it when due.
+        for _ in range(50):  # bounded: the postponement is at most 2 s
+            run_worker(worker_env, "--once")
+            event.refresh_from_db()
+            if event.status == "processed":
+                break
+    else:
+        assert first == "processed"
+    assert event.status == "processed"
+    attempts = WebhookEventAttempt.objects.filter(event=event, outcome="applied")
+    assert attempts.count() == 1
     payout.refresh_from_db()
     assert (payout.status, payout.events_applied) == ("failed", 1)
-    # Twins that got past the duplicate check roll back (and are logged so); one commits.
-    assert TransactionLog.objects.filter(operation="webhook.process_event",
-                                         outcome="committed").count() == 1
+    # Twins that got past the duplicate check roll back (and are logged so); one commits
+    # the effect.
+    assert TransactionLog.objects.filter(operation="webhook.process_event", outcome="committed",
+                                         payout=payout).count() == 1
     transactions = PaymentTransaction.objects.filter(seller=payout.seller)
     assert list(transactions.values_list("payed_out", "actual_release_date")) == [
         (False, None)] * 4
