@@ -89,7 +89,9 @@ class Server:
         ARTIFACTS.mkdir(exist_ok=True)
         self.log = open(ARTIFACTS / f"gunicorn-{self.port}.log", "w")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "console.wsgi:application",
+            # The production settings, with the test's address and concurrency.
+            [sys.executable, "-m", "gunicorn", "-c", "python:console.gunicorn_conf",
+             "console.wsgi:application",
              "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
              "--threads", str(threads), "--worker-class", "gthread", "--timeout", "60"],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
