@@ -296,13 +296,10 @@ def event_process(
     try:
         outcome = _process(event_id, trigger, nowait)
     except Exception as exc:
+        _reconnect_if_lost()
         outcome, error, tb = _after_failure(event_id, exc, counted=trigger != Trigger.REPLAY)
-    WebhookEventAttempt.objects.create(
-        event_id=event_id, trigger=trigger, worker=worker, started_at=started_at,
-        finished_at=timezone.now(), outcome=outcome.kind, reason=outcome.reason[:255],
-        error=error, traceback=tb, status_after=outcome.status_after,
-        requested_by=requested_by if requested_by is not None and requested_by.pk else None,
-    )
+    _attempt_record(event_id, trigger, started_at, outcome, error, tb, worker=worker,
+                    requested_by=requested_by)
     log.info("webhook.processed", event_pk=event_id, trigger=trigger, outcome=outcome.kind,
              reason=outcome.reason, status=outcome.status_after)
     return outcome
@@ -351,12 +348,29 @@ def _settlement(event: AnyEvent, outcome: ProcessingOutcome) -> dict[str, Any]:
     return fields
 
 
+def _attempt_record(event_id: int, trigger: str, started_at: datetime,
+                    outcome: ProcessingOutcome, error: str = "", tb: str = "", *,
+                    worker: str = "", requested_by: AbstractBaseUser | None = None) -> None:
+    """Keep one processing attempt on the event's timeline (after its transaction)."""
+    WebhookEventAttempt.objects.create(
+        event_id=event_id, trigger=trigger, worker=worker, started_at=started_at,
+        finished_at=timezone.now(), outcome=outcome.kind, reason=outcome.reason[:255],
+        error=error, traceback=tb, status_after=outcome.status_after,
+        requested_by=requested_by if requested_by is not None and requested_by.pk else None,
+    )
+
+
+def _reconnect_if_lost() -> None:
+    """After a failed transaction: drop a connection that was lost, so the next query
+    opens a new one."""
+    if not connection.in_atomic_block:
+        connection.close_if_unusable_or_obsolete()
+
+
 def _after_failure(event_id: int, exc: Exception, *,
                    counted: bool) -> tuple[ProcessingOutcome, str, str]:
     """The processor raised: postpone the event if it was only busy, else fail it.
     Returns the outcome, the error and its traceback (empty when busy)."""
-    if not connection.in_atomic_block:
-        connection.close_if_unusable_or_obsolete()  # reconnect after a lost connection
     error = f"{type(exc).__name__}: {exc}".strip()
     code = txutils.sqlstate_of(exc)
     if code == LOCK_NOT_AVAILABLE or code in txutils.RETRYABLE_SQLSTATES:
@@ -429,18 +443,14 @@ def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str])
         return Received(None, None)
     except Exception as exc:
         failure = exc
-    if not connection.in_atomic_block:
-        connection.close_if_unusable_or_obsolete()  # reconnect after a lost connection
+    _reconnect_if_lost()
     recorded = inbox.event_record(payload, body, headers,
                                   lease_s=settings.WEBHOOK_LEASE_SECONDS)
     if recorded.event_id is None:
         return Received(None, None)
     try:  # stored: from here on, nothing may undo the acknowledgement
         outcome, error, tb = _after_failure(recorded.event_id, failure, counted=True)
-        WebhookEventAttempt.objects.create(
-            event_id=recorded.event_id, trigger=Trigger.INLINE, started_at=received_at,
-            finished_at=timezone.now(), outcome=outcome.kind, reason=outcome.reason[:255],
-            error=error, traceback=tb, status_after=outcome.status_after)
+        _attempt_record(recorded.event_id, Trigger.INLINE, received_at, outcome, error, tb)
     except Exception:
         log.exception("webhook.inline_bookkeeping_failed", event_pk=recorded.event_id)
         outcome = ProcessingOutcome(Kind.FAILED, "stored; processing left to the worker",
