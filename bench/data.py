@@ -44,9 +44,6 @@ def payout_id_sql(pid: str) -> str:
 
 FAILURE_CODES = ["account_closed", "insufficient_funds", "no_account",
                  "invalid_account_number", "could_not_process", "bank_account_restricted"]
-STATUS_OF_TYPE = {"payout.paid": "paid", "payout.failed": "failed",
-                  "payout.updated": "in_transit", "payout.created": "pending",
-                  "payout.canceled": "canceled"}
 
 _ZERO = {"boolean": "false", "jsonb": "'{}'::jsonb", "json": "'{}'::json", "bytea": "''::bytea",
          "ARRAY": "'{}'", "timestamp with time zone": "now()", "date": "current_date"}
@@ -229,7 +226,7 @@ _CREATED, _ARRIVAL = 1111111111, 1222222222
 
 def body_template(event_type: str) -> str:
     """A Stripe event body (as Stripe sends it) with placeholders for SQL ``replace``."""
-    status = STATUS_OF_TYPE[event_type]
+    status = stripe_events.TYPICAL_STATUS[event_type]
     extra = stripe_events.failed_payout_defaults() if status == "failed" else {}
     obj = stripe_events.payout_object(_PO, status=status, created=_CREATED,
                                       arrival_date=_ARRIVAL, **extra)

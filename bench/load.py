@@ -31,14 +31,11 @@ from typing import Any
 from payouts import stripe_events
 
 PATH = "/webhooks/stripe/"
-STATUS_OF_TYPE = {"payout.paid": "paid", "payout.failed": "failed",
-                  "payout.updated": "in_transit", "payout.created": "pending",
-                  "payout.canceled": "canceled"}
 
 
 def build_body(event_id: str, event_type: str, payout_id: str, created: int,
                account: str | None) -> bytes:
-    status = STATUS_OF_TYPE[event_type]
+    status = stripe_events.TYPICAL_STATUS[event_type]
     extra = stripe_events.failed_payout_defaults() if status == "failed" else {}
     obj = stripe_events.payout_object(payout_id, status=status, created=created, **extra)
     event = stripe_events.payout_event(event_type, obj, account=account, created=created,

@@ -45,7 +45,11 @@ STRIPE_LIVEMODE = env_bool("STRIPE_LIVEMODE", False)
 WEBHOOK_PROCESSING = os.environ.get("WEBHOOK_PROCESSING", "inline")
 if WEBHOOK_PROCESSING not in {"inline", "deferred"}:
     raise ImproperlyConfigured("WEBHOOK_PROCESSING must be 'inline' or 'deferred'")
+# An event that fails (e.g. waits for its payout) is given up (dead) only once it has had
+# WEBHOOK_MAX_ATTEMPTS attempts AND the horizon has passed since it was received: Stripe
+# redelivers for 3 days, so what it waits for can come that late.
 WEBHOOK_MAX_ATTEMPTS = int(os.environ.get("WEBHOOK_MAX_ATTEMPTS", "10"))
+WEBHOOK_RETRY_HORIZON_HOURS = float(os.environ.get("WEBHOOK_RETRY_HORIZON_HOURS", "72"))
 WEBHOOK_RETRY_BASE_SECONDS = float(os.environ.get("WEBHOOK_RETRY_BASE_SECONDS", "30"))
 WEBHOOK_RETRY_MAX_SECONDS = float(os.environ.get("WEBHOOK_RETRY_MAX_SECONDS", "21600"))
 # How long a worker (or the inline request) owns a claimed event before another may take it.

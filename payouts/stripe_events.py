@@ -1,7 +1,8 @@
 """Realistic Stripe payout events, signed like Stripe signs them.
 
-Used by ``stripe_trigger`` (demos, load), ``seed_demo`` and the tests; shaped
-after stripe/openapi's fixtures (see shared/stripe/FACTS.md).
+Used by ``stripe_trigger`` (demos), ``seed_demo``, the benchmarks and the tests;
+shaped after the payout fixture of Stripe's OpenAPI description (docs/design.md
+lists the fields we rely on). Kept free of Django, so the load generator can use it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import stripe
 API_VERSION = "2025-09-30.clover"
 PAYOUT_EVENT_TYPES = ("payout.created", "payout.updated", "payout.paid", "payout.failed",
                       "payout.canceled", "payout.reconciliation_completed")
-STATUS_OF_TYPE = {"payout.created": "pending", "payout.updated": "in_transit",
+# The status a payout usually has in an event of each type (for demos and load; what
+# the processor makes of an event is decided in payouts/transitions.py).
+TYPICAL_STATUS = {"payout.created": "pending", "payout.updated": "in_transit",
                   "payout.paid": "paid", "payout.failed": "failed", "payout.canceled": "canceled",
                   "payout.reconciliation_completed": "paid"}
 DAY = 86400
@@ -44,7 +47,10 @@ def payout_object(
     failure_message: str | None = None,
     metadata: dict[str, str] | None = None,
     livemode: bool = False,
+    original_payout: str | None = None,
+    reversed_by: str | None = None,
 ) -> dict[str, Any]:
+    """A payout object; with ``original_payout``, a reversal (give it a negative amount)."""
     created = created if created is not None else int(time.time())
     failed = status in ("failed", "canceled")
     return {
@@ -66,10 +72,10 @@ def payout_object(
         "livemode": livemode,
         "metadata": metadata or {},
         "method": "standard",
-        "original_payout": None,
+        "original_payout": original_payout,
         "payout_method": None,
         "reconciliation_status": "completed" if status == "paid" else "in_progress",
-        "reversed_by": None,
+        "reversed_by": reversed_by,
         "source_type": "card",
         "statement_descriptor": None,
         "status": status,

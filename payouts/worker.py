@@ -3,7 +3,8 @@
 Safe with any number of workers on any number of machines: a claim is one
 statement that skips rows another worker has locked and leases what it takes
 (``next_attempt_at`` moves a lease ahead), so a worker killed mid-event only
-delays that event until its lease runs out; then any worker takes it again.
+delays that event until its lease runs out; then the abandoned attempt is put on
+the event's timeline as failed, and the event is retried by the inbox's policy.
 Processing itself is idempotent, so a lease that runs out while its worker is
 still busy costs a second attempt, never a second effect.
 """
@@ -15,38 +16,13 @@ import socket
 import time
 
 import structlog
-from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import close_old_connections
 
-from payouts.models import WebhookEvent, WebhookEventAttempt
+from payouts.models import WebhookEventAttempt
+from payouts.services import inbox
 from payouts.services.processing import event_process
 
 log = structlog.get_logger(__name__)
-
-TABLE = WebhookEvent._meta.db_table
-
-CLAIM_SQL = f"""
-WITH due AS (
-    SELECT id FROM {TABLE}
-    WHERE status IN ('received', 'failed') AND next_attempt_at <= now() AND attempts < %(max)s
-    ORDER BY next_attempt_at
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE {TABLE} AS event
-SET attempts = event.attempts + 1,
-    next_attempt_at = now() + make_interval(secs => %(lease)s)
-FROM due WHERE event.id = due.id
-RETURNING event.id
-"""
-
-# Events whose every attempt died with its worker (the lease ran out each time).
-BURY_SQL = f"""
-UPDATE {TABLE}
-SET status = 'dead', next_attempt_at = NULL,
-    last_error = 'attempts exhausted: its workers stopped before finishing it'
-WHERE status IN ('received', 'failed') AND next_attempt_at <= now() AND attempts >= %(max)s
-"""
 
 
 class Worker:
@@ -62,14 +38,9 @@ class Worker:
         self._stopping = True
 
     def claim(self) -> list[int]:
-        params = {"max": settings.WEBHOOK_MAX_ATTEMPTS, "limit": self.batch_size,
-                  "lease": settings.WEBHOOK_LEASE_SECONDS}
-        with connection.cursor() as cursor:
-            cursor.execute(BURY_SQL, params)
-            if cursor.rowcount:
-                log.warning("worker.events_buried", count=cursor.rowcount)
-            cursor.execute(CLAIM_SQL, params)
-            return [row[0] for row in cursor.fetchall()]
+        """Settle the attempts of workers that died, then lease due events to this one."""
+        inbox.settle_abandoned()
+        return inbox.claim_due(worker=self.name, limit=self.batch_size)
 
     def run(self, *, once: bool = False) -> int:
         """Process due events until stopped (or, with ``once``, until none is due)."""

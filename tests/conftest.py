@@ -16,6 +16,24 @@ def empty_cache() -> None:
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def ledger_invariants_hold(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test that uses the database ends with the ledger's invariant check (what
+    ``check_ledger`` runs), before its data is rolled back or flushed. A test that
+    breaks the ledger on purpose is marked ``ledger_broken_on_purpose``."""
+    if (request.node.get_closest_marker("django_db") is None
+            or request.node.get_closest_marker("ledger_broken_on_purpose") is not None):
+        yield
+        return
+    request.getfixturevalue("_django_db_helper")  # set up first, so torn down after this
+    yield
+    from payouts.invariants import ledger_violations
+
+    violations = ledger_violations()
+    assert not violations, "the ledger's invariants are broken:\n" + "\n".join(
+        f"  {v.check}: {v.message}" for v in violations)
+
+
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None) -> None:
     """One test database per pytest process: runs side by side never share, or drop, one."""

@@ -14,19 +14,23 @@ What it does like Stripe:
 * idempotency per (connected account, ``Idempotency-Key``): the same key with the
   same method, path and parameters answers the first response again (same object,
   ``Idempotent-Replayed: true``); with anything different, HTTP 400
-  ``idempotency_error``. A result is kept once the endpoint ran (also a 400 such as
-  ``payouts_not_allowed``); a request refused before (bad key, missing parameter,
-  an injected transient error) keeps nothing, so the same key can be sent again;
+  ``idempotency_error``. A result is kept once the endpoint started: a success, a
+  400 such as ``payouts_not_allowed``, and a ``500`` too (replayed as it was). A
+  request refused before it started (bad key, missing parameter, a 429 or 409)
+  keeps nothing, so the same key can be sent again;
+* a key is kept for 24 hours of the fake's clock (``advance`` moves it), then
+  forgotten: the same key then makes a new object, as Stripe does after pruning;
 * ``POST /v1/payouts`` is made on the connected account named by ``Stripe-Account``
-  (this fake refuses it without one: the console never pays out platform money).
+  (this fake refuses it without one: the console never pays out platform money);
+* lists, newest first, ``limit`` and ``starting_after``: ``GET /v1/transfers``
+  (``transfer_group``), ``GET /v1/payouts`` on the ``Stripe-Account`` (``created[gte]``).
 
-Controls for tests: ``fail_payouts_for``, ``fail_next``, and crash points
+Controls for tests: ``fail_payouts_for``, ``fail_next``, ``advance``, and crash points
 ``hold(prefix, when="before"|"after")`` / ``wait_held`` / ``release``.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import secrets
@@ -43,6 +47,9 @@ IDEMPOTENCY_MISMATCH = (
     "used with. Try using a key other than '{key}' if you meant to execute a different request."
 )
 ERROR_TYPES = {429: "rate_limit_error", 409: "idempotency_error"}
+# Refused before the endpoint starts: nothing is kept for the idempotency key.
+NOT_STARTED = (409, 429)
+KEY_KEPT_S = 24 * 3600
 TRANSFER_REVERSALS = re.compile(r"^/v1/transfers/(?P<id>[^/]+)/reversals$")
 ONE_OBJECT = re.compile(r"^/v1/(?P<kind>transfers|payouts)/(?P<id>[^/]+)$")
 DAY = 86400
@@ -124,13 +131,14 @@ class FakeStripe:
         self.payouts: dict[str, dict[str, Any]] = {}
         self.reversals: dict[str, dict[str, Any]] = {}
         self.payout_accounts: dict[str, str] = {}  # po_… -> acct_… it was made on
-        # (account, key) -> (method, path, params, status, body, request id)
+        # (account, key) -> (method, path, params, status, body, request id, saved at)
         self._idempotent: dict[tuple[str | None, str], tuple[Any, ...]] = {}
         self._payout_failures: dict[str, str] = {}  # acct_… -> error code
         self._failures: list[tuple[str, int]] = []  # (path prefix, status), one shot each
         self._holds: list[_Hold] = []  # armed, not yet matched
         self._holding: list[_Hold] = []  # matched a request, not released yet
-        self._clock = itertools.count(int(time.time()))
+        self._offset_s = 0  # the fake's clock runs ahead of the real one by this much
+        self._last_created = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -182,9 +190,24 @@ class FakeStripe:
 
     def fail_next(self, path_prefix: str, status: int = 500) -> None:
         """The next request whose path starts with ``path_prefix`` gets a transient error
-        (5xx, 429, 409) before anything is done; nothing is kept for its idempotency key."""
+        (5xx, 429, 409) and makes nothing. A 5xx is kept for its idempotency key and
+        replayed for 24 hours, as Stripe does; a 429 or 409 keeps nothing."""
         with self._lock:
             self._failures.append((path_prefix, status))
+
+    def now(self) -> int:
+        """The fake's clock, in Unix seconds."""
+        return int(time.time()) + self._offset_s
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake's clock ahead (idempotency keys older than 24 h are forgotten)."""
+        with self._lock:
+            self._offset_s += int(seconds)
+
+    def _created(self) -> int:
+        """A ``created`` time: the clock, made strictly increasing so order is testable."""
+        self._last_created = max(self._last_created + 1, self.now())
+        return self._last_created
 
     def hold(self, path_prefix: str, when: str = "before") -> None:
         """Block the next matching request until ``release()``: ``before`` it is processed
@@ -275,37 +298,39 @@ class FakeStripe:
         with self._lock:
             try:
                 self._authenticate(request)
-                failure = self._take(self._failures, request.path)
+                scope = (request.account, key or "")
+                kept = self._idempotent.get(scope) if request.method == "POST" and key else None
+                if kept is not None and self.now() - kept[6] >= KEY_KEPT_S:
+                    del self._idempotent[scope]  # pruned: the key makes a new request
+                    kept = None
+                failure = self._take(self._failures, request.path) if kept is None else None
                 if failure is not None:
                     status = failure[1]
                     raise _error(status, ERROR_TYPES.get(status, "api_error"),
-                                 f"An injected transient error ({status}) from the fake Stripe.")
-                if request.method == "POST" and key:
-                    scope = (request.account, key)
-                    kept = self._idempotent.get(scope)
-                    if kept is not None:
-                        method, path, params, status, body, original = kept
-                        if (method, path, params) != (request.method, request.path,
-                                                      request.params):
-                            raise _error(400, "idempotency_error",
-                                         IDEMPOTENCY_MISMATCH.format(key=key))
-                        request.replayed = True
-                        headers.update({"Idempotent-Replayed": "true",
-                                        "Original-Request": original})
-                        return self._answered(request, status, body, headers)
-                try:
-                    status, body = 200, self._route(request)
-                except _Answer as answer:
-                    if not answer.keep:
-                        raise
-                    status, body = answer.status, answer.body
-                if request.method == "POST" and key:
-                    self._idempotent[(request.account, key)] = (
-                        request.method, request.path, dict(request.params), status, body,
-                        headers["Request-Id"])
-                return self._answered(request, status, body, headers)
+                                 f"An injected transient error ({status}) from the fake Stripe.",
+                                 keep=status not in NOT_STARTED)
+                if kept is not None:  # (a POST with a key)
+                    method, path, params, status, body, original, _ = kept
+                    if (method, path, params) != (request.method, request.path, request.params):
+                        raise _error(400, "idempotency_error", IDEMPOTENCY_MISMATCH.format(key=key))
+                    request.replayed = True
+                    headers.update({"Idempotent-Replayed": "true", "Original-Request": original})
+                    return self._answered(request, status, body, headers)
+                return self._kept(request, 200, self._route(request), headers)
             except _Answer as answer:
+                if answer.keep:
+                    return self._kept(request, answer.status, answer.body, headers)
                 return self._answered(request, answer.status, answer.body, headers)
+
+    def _kept(self, request: Request, status: int, body: dict[str, Any],
+              headers: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The endpoint started: its answer is kept for the request's idempotency key."""
+        key = request.idempotency_key
+        if request.method == "POST" and key:
+            self._idempotent[(request.account, key)] = (
+                request.method, request.path, dict(request.params), status, body,
+                headers["Request-Id"], self.now())
+        return self._answered(request, status, body, headers)
 
     def _answered(self, request: Request, status: int, body: dict[str, Any],
                   headers: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -334,6 +359,15 @@ class FakeStripe:
         match = TRANSFER_REVERSALS.match(path)
         if method == "POST" and match:
             return self._reversal_create(request, match["id"])
+        if method == "GET" and path == "/v1/transfers":
+            group = request.params.get("transfer_group")
+            return self._list(request, [t for t in self.transfers.values()
+                                        if group is None or t["transfer_group"] == group])
+        if method == "GET" and path == "/v1/payouts":
+            since = int(request.params.get("created[gte]") or 0)
+            return self._list(request, [p for p_id, p in self.payouts.items()
+                                        if self.payout_accounts[p_id] == request.account
+                                        and p["created"] >= since])
         match = ONE_OBJECT.match(path)
         if method == "GET" and match:
             store = self.transfers if match["kind"] == "transfers" else self.payouts
@@ -342,6 +376,21 @@ class FakeStripe:
             raise self._missing(match["id"])
         raise _error(404, "invalid_request_error",
                      f"Unrecognized request URL ({method}: {path}).")
+
+    @staticmethod
+    def _list(request: Request, objects: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stripe's list: newest first, ``limit`` (1-100, default 10), ``starting_after``."""
+        objects = sorted(objects, key=lambda o: (o["created"], o["id"]), reverse=True)
+        after = request.params.get("starting_after")
+        if after:
+            ids = [o["id"] for o in objects]
+            if after not in ids:
+                raise _error(400, "invalid_request_error", f"No such object: '{after}'",
+                             code="resource_missing", param="starting_after")
+            objects = objects[ids.index(after) + 1:]
+        limit = max(1, min(100, int(request.params.get("limit") or 10)))
+        return {"object": "list", "url": request.path, "has_more": len(objects) > limit,
+                "data": objects[:limit]}
 
     @staticmethod
     def _missing(object_id: str) -> _Answer:
@@ -379,7 +428,7 @@ class FakeStripe:
             "amount": amount,
             "amount_reversed": 0,
             "balance_transaction": new_id("txn"),
-            "created": next(self._clock),
+            "created": self._created(),
             "currency": request.params["currency"].lower(),
             "description": request.params.get("description"),
             "destination": request.params["destination"],
@@ -409,7 +458,7 @@ class FakeStripe:
             raise _error(400, "invalid_request_error",
                          f"Payouts are not allowed on account {account} ({code}).",
                          code=code, keep=True)
-        created = next(self._clock)
+        created = self._created()
         payout_id = new_id("po")
         payout = {
             "id": payout_id,
@@ -460,7 +509,7 @@ class FakeStripe:
             "object": "transfer_reversal",
             "amount": amount,
             "balance_transaction": new_id("txn"),
-            "created": next(self._clock),
+            "created": self._created(),
             "currency": transfer["currency"],
             "destination_payment_refund": new_id("pyr"),
             "metadata": nested(request.params, "metadata"),

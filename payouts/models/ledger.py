@@ -61,14 +61,26 @@ class PaymentTransfer(models.Model):
 
 
 class Payout(models.Model):
-    """Seller balance → bank (``po_…``), kept at the state of the newest event applied."""
+    """Seller balance → bank (``po_…``), kept at the state of the newest event applied.
+
+    A payout reversal is a payout too (negative amount, ``original_payout`` set); once
+    it is paid the original's money is back on the seller's Stripe balance, and the
+    original counts as reversed (``reversed_at``). See docs/design.md.
+    """
 
     class Status(models.TextChoices):
+        """Stripe's payout statuses, the only definition in the code."""
+
         PENDING = "pending"
         IN_TRANSIT = "in_transit"
         PAID = "paid"
         FAILED = "failed"
         CANCELED = "canceled"
+
+    # Its money has left, or is leaving, the seller's Stripe balance (unless reversed).
+    LIVE = (Status.PENDING, Status.IN_TRANSIT, Status.PAID)
+    # Stripe gave its money back to the seller's balance: its transactions are owed again.
+    RETURNED = (Status.FAILED, Status.CANCELED)
 
     class Creation(models.TextChoices):
         """Where a payout we create ourselves stands (empty: created from a webhook)."""
@@ -84,6 +96,8 @@ class Payout(models.Model):
     creation_state = models.CharField(max_length=16, choices=Creation.choices, blank=True,
                                       default="")
     creation_error = models.TextField(blank=True, default="")
+    # When our first request for it went to Stripe: its idempotency keys expire 24 h later.
+    submitted_at = models.DateTimeField(null=True, blank=True)
     stripe_payout_id = models.CharField(max_length=64, unique=True, null=True, blank=True)
     amount = models.BigIntegerField(help_text="minor units")
     currency = models.CharField(max_length=3)
@@ -92,6 +106,17 @@ class Payout(models.Model):
     failure_code = models.CharField(max_length=64, blank=True, default="")
     failure_message = models.TextField(blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True, help_text="Stripe's payout metadata")
+    # Reversals: set on a reversal payout, pointing at the payout it reverses.
+    original_payout = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True,
+                                        related_name="reversals")
+    # Set on the reversed payout: Stripe's id of its reversal, and when that was paid
+    # (the money is back on the balance and the transactions were released).
+    reversed_by = models.CharField(max_length=64, blank=True, default="", db_default="")
+    reversed_at = models.DateTimeField(null=True, blank=True)
+    # Why a person (or reconciliation against Stripe) should look at this payout; empty
+    # when nothing is open.
+    review_reason = models.TextField(blank=True, default="", db_default="")
+    review_requested_at = models.DateTimeField(null=True, blank=True)
     # Ordering bookkeeping: the newest event applied decides what is older.
     last_event_id = models.CharField(max_length=64, blank=True, default="")
     last_event_type = models.CharField(max_length=64, blank=True, default="")
@@ -112,6 +137,8 @@ class Payout(models.Model):
                          name="payout_in_transit_arrival"),
             models.Index(fields=["created_at"], condition=Q(creation_state="reserved"),
                          name="payout_resumable"),
+            models.Index(fields=["review_requested_at"], condition=~Q(review_reason=""),
+                         name="payout_to_review"),
         ]
 
     def __str__(self) -> str:
@@ -119,6 +146,15 @@ class Payout(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("payout-detail", args=[self.pk])
+
+    @property
+    def is_reversed(self) -> bool:
+        return self.reversed_at is not None
+
+    @property
+    def is_live(self) -> bool:
+        """Its money is on its way to, or at, the bank: its transactions stay paid out."""
+        return self.status in self.LIVE and not self.is_reversed
 
 
 class PayoutItem(models.Model):

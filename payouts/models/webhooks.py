@@ -16,11 +16,10 @@ class WebhookEvent(models.Model):
         IGNORED = "ignored"  # a type we do not handle, or test mode on a live deployment
         FAILED = "failed"  # will be retried (see next_attempt_at)
         DEAD = "dead"  # retries exhausted; only a replay moves it
+        HELD = "held"  # disagrees with our ledger: a person replays or dismisses it
 
     # Statuses the worker picks up when due.
     PENDING = (Status.RECEIVED, Status.FAILED)
-    # Statuses after which automatic processing never touches the event again.
-    FINAL = (Status.PROCESSED, Status.SKIPPED, Status.IGNORED, Status.DEAD)
 
     stripe_event_id = models.CharField(max_length=255, unique=True)
     type = models.CharField(max_length=100)
@@ -35,9 +34,12 @@ class WebhookEvent(models.Model):
     received_at = models.DateTimeField(auto_now_add=True)
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
-    status_reason = models.CharField(max_length=255, blank=True, default="")
+    status_reason = models.TextField(blank=True, default="")
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # Who holds the event's lease (a worker, or the inline request); empty once the
+    # attempt settled. A due event still claimed was abandoned: its worker died.
+    claimed_by = models.CharField(max_length=128, blank=True, default="", db_default="")
     last_error = models.TextField(blank=True, default="")
     processed_at = models.DateTimeField(null=True, blank=True)
 
@@ -71,11 +73,16 @@ class WebhookEventAttempt(models.Model):
         INLINE = "inline"  # right after the delivery was stored
         WORKER = "worker"  # process_webhooks
         REPLAY = "replay"  # staff, from the console or admin
+        DISMISS = "dismiss"  # staff decided a held event is not to be applied
+        ABANDONED = "abandoned"  # its worker stopped before finishing (found afterwards)
 
     class Outcome(models.TextChoices):
+        """What a run of the processor did: the one vocabulary of outcomes."""
+
         APPLIED = "applied"
         SKIPPED = "skipped"
         IGNORED = "ignored"
+        HELD = "held"  # disagrees with our ledger; nothing changed
         RETRY = "retry"  # e.g. payout not known yet, or busy
         FAILED = "failed"  # an error
 
@@ -93,7 +100,7 @@ class WebhookEventAttempt(models.Model):
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField()
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
-    reason = models.CharField(max_length=255, blank=True, default="")
+    reason = models.TextField(blank=True, default="")
     error = models.TextField(blank=True, default="")
     traceback = models.TextField(blank=True, default="")
     status_after = models.CharField(max_length=16, choices=WebhookEvent.Status.choices)

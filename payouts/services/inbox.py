@@ -1,23 +1,40 @@
-"""The webhook inbox: verify a delivery, store it once, count what is refused.
+"""The webhook inbox: every write to the event table, and the retry and dead policy.
 
-Nothing here parses more than it must or writes anything for a delivery that
-is not signed with one of our secrets (beyond one counter per refusal reason).
+* Receiving: verify a delivery, store it once, count what is refused. Nothing here
+  parses more than it must or writes anything for a delivery that is not signed with
+  one of our secrets (beyond one counter per refusal reason).
+* Settling: an event's status after each run of the processor, its attempts on the
+  timeline, staff dismissals.
+* The workers' queue: claiming due events, and settling attempts whose worker died.
+
+When an event is tried again, or given up (``dead``), is decided by ``retry_at``
+alone, for inline processing, workers and abandoned attempts alike.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
 import structlog
-from django.db import connection
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import connection, transaction
+from django.utils import timezone
 
-from payouts.models import WebhookEvent, WebhookRejection
+from payouts.models import WebhookEvent, WebhookEventAttempt, WebhookRejection
+from payouts.services.outcome import Outcome, ProcessingOutcome
 
 log = structlog.get_logger(__name__)
+
+EVENT = WebhookEvent._meta.db_table
+ATTEMPT = WebhookEventAttempt._meta.db_table
+Status = WebhookEvent.Status
+Trigger = WebhookEventAttempt.Trigger
 
 MAX_BODY_BYTES = 1024 * 1024
 SIGNATURE_TOLERANCE_S = 300
@@ -134,6 +151,32 @@ def sanitised_headers(headers: Any) -> dict[str, str]:
     return kept
 
 
+
+# --- storing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A delivery not stored yet: the fields of WebhookEvent the processor reads."""
+
+    stripe_event_id: str
+    type: str
+    account: str
+    livemode: bool
+    stripe_created: datetime
+    received_at: datetime
+    attempts: int = 1  # the inline attempt counts
+    status: str = Status.RECEIVED
+
+    @classmethod
+    def of(cls, payload: dict[str, Any], received_at: datetime) -> NewEvent:
+        return cls(stripe_event_id=payload["id"], type=payload["type"],
+                   account=payload.get("account") or "",
+                   livemode=bool(payload.get("livemode", False)),
+                   stripe_created=datetime.fromtimestamp(payload["created"], tz=UTC),
+                   received_at=received_at)
+
+
 @dataclass(frozen=True)
 class Recorded:
     event_id: int | None  # our primary key; None for a duplicate
@@ -141,11 +184,11 @@ class Recorded:
 
 
 def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], *,
-                 lease_s: float) -> Recorded:
+                 lease_s: float, claimed_by: str = "inline") -> Recorded:
     """Store a verified event once (its id is unique); a duplicate changes nothing.
 
-    ``lease_s`` > 0 keeps workers off the event for that long, because the
-    caller processes it right away (inline mode).
+    ``lease_s`` > 0 keeps workers off the event for that long, because ``claimed_by``
+    processes it right away (inline mode); it counts as the first attempt.
     """
     obj = payload["data"]["object"]
     created = datetime.fromtimestamp(payload["created"], tz=UTC)
@@ -154,18 +197,18 @@ def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], 
         # One statement: concurrent duplicates cannot both insert, and none overwrites.
         cursor.execute(
             f"""
-            INSERT INTO {WebhookEvent._meta.db_table}
+            INSERT INTO {EVENT}
                 (stripe_event_id, type, account, livemode, api_version, stripe_created,
                  stripe_object_id, raw_body, headers, received_at, status, status_reason,
-                 attempts, next_attempt_at, last_error)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, now(), 'received', '', %s, %s, '')
+                 attempts, next_attempt_at, claimed_by, last_error)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, now(), 'received', '', %s, %s, %s, '')
             ON CONFLICT (stripe_event_id) DO NOTHING
             RETURNING id
             """,
             [payload["id"], payload["type"], payload.get("account") or "",
              bool(payload.get("livemode", False)), payload.get("api_version") or "", created,
              obj.get("id") or "", body, json.dumps(headers),
-             1 if lease_s > 0 else 0, due],
+             1 if lease_s > 0 else 0, due, claimed_by if lease_s > 0 else ""],
         )
         row = cursor.fetchone()
     if row is None:
@@ -176,20 +219,256 @@ def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], 
 def is_stored(stripe_event_id: str) -> bool:
     """Whether an event with this id is in the inbox already (a duplicate delivery)."""
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT 1 FROM {WebhookEvent._meta.db_table} WHERE stripe_event_id = %s",
-                       [stripe_event_id])
+        cursor.execute(f"SELECT 1 FROM {EVENT} WHERE stripe_event_id = %s", [stripe_event_id])
         return cursor.fetchone() is not None
 
 
 def rejection_count(reason: str) -> None:
     """Count a refused delivery: one row per reason, updated in place."""
+    table = WebhookRejection._meta.db_table
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
-            INSERT INTO {WebhookRejection._meta.db_table} (reason, count, last_seen_at)
+            INSERT INTO {table} (reason, count, last_seen_at)
             VALUES (%s, 1, now())
-            ON CONFLICT (reason) DO UPDATE
-            SET count = {WebhookRejection._meta.db_table}.count + 1, last_seen_at = now()
+            ON CONFLICT (reason) DO UPDATE SET count = {table}.count + 1, last_seen_at = now()
             """,
             [reason],
         )
+
+
+# The inline path: a new event written last in its processing transaction, already
+# settled, with its attempt, in one statement. A duplicate inserts nothing.
+SETTLED_INSERT_SQL = f"""
+WITH event AS (
+    INSERT INTO {EVENT}
+        (stripe_event_id, type, account, livemode, api_version, stripe_created,
+         stripe_object_id, raw_body, headers, received_at, status, status_reason,
+         attempts, next_attempt_at, claimed_by, last_error, processed_at)
+    VALUES (%(stripe_event_id)s, %(type)s, %(account)s, %(livemode)s, %(api_version)s,
+            %(stripe_created)s, %(stripe_object_id)s, %(raw_body)s, %(headers)s,
+            %(received_at)s, %(status)s, %(status_reason)s, %(attempts)s,
+            %(next_attempt_at)s, '', %(last_error)s, %(processed_at)s)
+    ON CONFLICT (stripe_event_id) DO NOTHING
+    RETURNING id
+)
+INSERT INTO {ATTEMPT}
+    (event_id, trigger, worker, started_at, finished_at, outcome, reason, error, traceback,
+     status_after, requested_by_id)
+SELECT id, %(trigger)s, '', %(received_at)s, clock_timestamp(), %(outcome)s, %(status_reason)s,
+       '', '', %(status)s, NULL
+FROM event
+RETURNING event_id"""
+
+
+def event_store_settled(event: NewEvent, outcome: ProcessingOutcome, payload: dict[str, Any],
+                        body: bytes, headers: dict[str, str]) -> tuple[int, str] | None:
+    """Inline mode: store a new event already settled by ``outcome``, with its attempt,
+    inside the processing transaction. Returns its id and status, or None when another
+    delivery stored it first."""
+    settled = {"next_attempt_at": None, "last_error": "", "processed_at": None,
+               **settlement(event, outcome, event.received_at)}
+    with connection.cursor() as cursor:
+        cursor.execute(SETTLED_INSERT_SQL, {
+            "stripe_event_id": event.stripe_event_id, "type": event.type,
+            "account": event.account, "livemode": event.livemode,
+            "api_version": payload.get("api_version") or "",
+            "stripe_created": event.stripe_created,
+            "stripe_object_id": payload["data"]["object"].get("id") or "",
+            "attempts": event.attempts, "raw_body": body, "headers": json.dumps(headers),
+            "received_at": event.received_at, "trigger": Trigger.INLINE,
+            "outcome": outcome.kind, **settled,
+        })
+        row = cursor.fetchone()
+    return None if row is None else (row[0], settled["status"])
+
+
+# --- the retry and dead policy ---------------------------------------------------------------
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """Exponential backoff with jitter (half fixed, half random), capped."""
+    base = float(settings.WEBHOOK_RETRY_BASE_SECONDS)
+    ceiling = min(float(settings.WEBHOOK_RETRY_MAX_SECONDS), base * 2 ** max(attempts - 1, 0))
+    return timedelta(seconds=ceiling / 2 + random.uniform(0, ceiling / 2))
+
+
+def gives_up_at(received_at: datetime) -> datetime:
+    """The earliest time an event received then may be given up."""
+    return received_at + timedelta(hours=settings.WEBHOOK_RETRY_HORIZON_HOURS)
+
+
+def retry_at(*, attempts: int, received_at: datetime, now: datetime) -> datetime | None:
+    """After a failed attempt: when to try again, or None to give up (``dead``).
+
+    Retries back off exponentially. An event is given up only once it has had
+    WEBHOOK_MAX_ATTEMPTS attempts AND WEBHOOK_RETRY_HORIZON_HOURS (72) have passed
+    since it was received: a payout or seller it waits for can come as late as
+    Stripe keeps redelivering (3 days).
+    """
+    if attempts >= settings.WEBHOOK_MAX_ATTEMPTS and now >= gives_up_at(received_at):
+        return None
+    return now + retry_delay(attempts)
+
+
+def _failed_attempt(event: NewEvent | WebhookEvent, error: str, now: datetime) -> dict[str, Any]:
+    """The event's fields after an attempt that failed or must wait. A dead event stays
+    dead (a replay failed again); others are retried or given up by ``retry_at``."""
+    if event.status == Status.DEAD:
+        return {"status": Status.DEAD, "next_attempt_at": None, "last_error": error}
+    when = retry_at(attempts=event.attempts, received_at=event.received_at, now=now)
+    return {"status": Status.FAILED if when else Status.DEAD, "next_attempt_at": when,
+            "last_error": error}
+
+
+# --- settling ---------------------------------------------------------------------------------
+
+STATUS_AFTER = {Outcome.APPLIED: Status.PROCESSED, Outcome.SKIPPED: Status.SKIPPED,
+                Outcome.IGNORED: Status.IGNORED, Outcome.HELD: Status.HELD}
+
+
+def settlement(event: NewEvent | WebhookEvent, outcome: ProcessingOutcome,
+               now: datetime) -> dict[str, Any]:
+    """The event's fields once ``outcome`` is settled, in the processing transaction."""
+    fields: dict[str, Any] = {"status_reason": outcome.reason, "claimed_by": ""}
+    if outcome.kind == Outcome.RETRY:
+        fields.update(_failed_attempt(event, outcome.reason, now))
+    else:
+        fields.update(status=STATUS_AFTER[outcome.kind], next_attempt_at=None, processed_at=now)
+    return fields
+
+
+def event_settle(event: WebhookEvent, outcome: ProcessingOutcome) -> str:
+    """Save a stored event's settlement (the event row is locked); its new status."""
+    fields = settlement(event, outcome, timezone.now())
+    for field, value in fields.items():
+        setattr(event, field, value)
+    event.save(update_fields=list(fields))
+    return event.status
+
+
+def event_postpone(event_id: int, reason: str, *, counted: bool) -> ProcessingOutcome:
+    """Busy, not broken: try again soon. ``counted``: this attempt was counted against
+    WEBHOOK_MAX_ATTEMPTS (inline and worker attempts are, replays are not); it is
+    given back, so contention alone never makes an event dead."""
+    delay = timedelta(seconds=random.uniform(0.5, 2.0))
+    with transaction.atomic():
+        event = WebhookEvent.objects.select_for_update().get(pk=event_id)
+        if event.status in WebhookEvent.PENDING:
+            event.next_attempt_at = timezone.now() + delay
+            event.claimed_by = ""
+            if counted and event.attempts > 0:
+                event.attempts -= 1
+            event.save(update_fields=["next_attempt_at", "attempts", "claimed_by"])
+    return ProcessingOutcome(Outcome.RETRY, reason, status_after=event.status)
+
+
+def event_fail(event_id: int, error: str) -> ProcessingOutcome:
+    """The processor raised: schedule a retry with backoff, or give up (dead)."""
+    with transaction.atomic():
+        event = WebhookEvent.objects.select_for_update().get(pk=event_id)
+        fields: dict[str, Any] = {"last_error": error}
+        if event.status in WebhookEvent.PENDING:
+            fields.update(_failed_attempt(event, error, timezone.now()), claimed_by="")
+        for field, value in fields.items():
+            setattr(event, field, value)
+        event.save(update_fields=list(fields))
+    return ProcessingOutcome(Outcome.FAILED, error, status_after=event.status)
+
+
+def attempt_record(event_id: int, trigger: str, started_at: datetime,
+                   outcome: ProcessingOutcome, error: str = "", tb: str = "", *,
+                   worker: str = "", requested_by: AbstractBaseUser | None = None) -> None:
+    """Keep one processing attempt on the event's timeline (after its transaction)."""
+    WebhookEventAttempt.objects.create(
+        event_id=event_id, trigger=trigger, worker=worker, started_at=started_at,
+        finished_at=timezone.now(), outcome=outcome.kind, reason=outcome.reason,
+        error=error, traceback=tb, status_after=outcome.status_after,
+        requested_by=requested_by if requested_by is not None and requested_by.pk else None,
+    )
+
+
+class CannotDismiss(Exception):
+    """Only a held event can be dismissed, and only with a written reason."""
+
+
+def event_dismiss(*, event_id: int, requested_by: AbstractBaseUser,
+                  reason: str) -> ProcessingOutcome:
+    """Staff decided a held event is not to be applied: it becomes ``skipped``, and the
+    timeline keeps who decided and why. Nothing in the ledger changes."""
+    reason = reason.strip()
+    if not reason:
+        raise CannotDismiss("Say why the event is dismissed.")
+    started_at = timezone.now()
+    with transaction.atomic():
+        event = WebhookEvent.objects.select_for_update().get(pk=event_id)
+        if event.status != Status.HELD:
+            raise CannotDismiss(f"{event.stripe_event_id} is {event.status}, not held: only "
+                                "held events are dismissed.")
+        who = requested_by.get_username()
+        outcome = ProcessingOutcome(Outcome.SKIPPED, f"dismissed by {who}: {reason}",
+                                    status_after=Status.SKIPPED)
+        event_settle(event, outcome)
+        attempt_record(event.pk, Trigger.DISMISS, started_at, outcome,
+                       requested_by=requested_by)
+    log.info("webhook.dismissed", event_pk=event_id, user=who, reason=reason)
+    return outcome
+
+
+# --- the workers' queue --------------------------------------------------------------------
+
+# Due events, in order, skipping rows another worker has locked; each is leased to the
+# worker (``next_attempt_at`` moves a lease ahead) and counted as an attempt.
+CLAIM_SQL = f"""
+WITH due AS (
+    SELECT id FROM {EVENT}
+    WHERE status IN ('received', 'failed') AND next_attempt_at <= now() AND claimed_by = ''
+    ORDER BY next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {EVENT} AS event
+SET attempts = event.attempts + 1,
+    next_attempt_at = now() + make_interval(secs => %(lease)s),
+    claimed_by = %(worker)s
+FROM due WHERE event.id = due.id
+RETURNING event.id
+"""
+
+# Claimed events whose lease ran out before their attempt settled: the worker died.
+ABANDONED_SQL = f"""
+SELECT id FROM {EVENT}
+WHERE status IN ('received', 'failed') AND next_attempt_at <= now() AND claimed_by <> ''
+ORDER BY next_attempt_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+
+def claim_due(*, worker: str, limit: int) -> list[int]:
+    with connection.cursor() as cursor:
+        cursor.execute(CLAIM_SQL, {"limit": limit, "lease": settings.WEBHOOK_LEASE_SECONDS,
+                                   "worker": worker[:128]})
+        return [row[0] for row in cursor.fetchall()]
+
+
+def settle_abandoned(*, limit: int = 100) -> int:
+    """Attempts whose worker stopped before finishing them count as failed attempts: each
+    is put on the event's timeline, and the event is retried or given up by the policy."""
+    now = timezone.now()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(ABANDONED_SQL, {"limit": limit})
+            ids = [row[0] for row in cursor.fetchall()]
+        for event in WebhookEvent.objects.filter(pk__in=ids).defer("raw_body", "headers"):
+            error = (f"attempt {event.attempts} by {event.claimed_by} stopped before it "
+                     "finished (its lease ran out)")
+            fields = {**_failed_attempt(event, error, now), "claimed_by": ""}
+            for field, value in fields.items():
+                setattr(event, field, value)
+            event.save(update_fields=list(fields))
+            attempt_record(event.pk, Trigger.ABANDONED, now, ProcessingOutcome(
+                Outcome.FAILED, error, status_after=event.status), error=error)
+    if ids:
+        log.warning("worker.attempts_abandoned", count=len(ids))
+    return len(ids)

@@ -14,8 +14,18 @@ Money leaves the platform here, so the work is split where a crash can happen:
    already made instead of making new ones.
 3. Record the Stripe ids in one transaction.
 
+Stripe keeps an idempotency key, and replays its first answer (a ``500`` too), for
+at least 24 hours, then may forget it: the same key sent later can make a second
+transfer or payout. So the time of the first request is recorded, and a resume
+more than 23 hours after it first looks up what Stripe made (transfers by
+``transfer_group``, payouts on the account carrying our reference), records it,
+and only sends what is missing. A seller with a payout still reserved gets no new
+one until it is finished.
+
 A final Stripe error (the account cannot be paid, ...) reverses the transfers
-already made and releases the transactions, so nothing is left half done.
+already made and releases the transactions, so nothing is left half done; unless
+Stripe's payout exists after all (we know its id or a webhook moved it): then
+nothing is released, and the payout is marked for a person to review.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from __future__ import annotations
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import stripe
@@ -34,11 +44,15 @@ from django.utils import timezone
 
 import txutils
 from payouts.models import PaymentTransaction, PaymentTransfer, Payout, PayoutItem, Seller
+from payouts.services import ledger
+from payouts.services.ledger import METADATA_KEY
 
 log = structlog.get_logger(__name__)
 
-METADATA_KEY = "payout_console_payout"  # our reference, in Stripe's metadata
 Creation = Payout.Creation
+# Stripe keeps an idempotency key at least 24 h; past this we no longer count on it.
+KEYS_TRUSTED_FOR = timedelta(hours=23)
+TRANSFER_KEY = "payout_console_transfer"  # our transfer's id, in its Stripe metadata
 
 
 class StripeNotConfigured(Exception):
@@ -47,6 +61,10 @@ class StripeNotConfigured(Exception):
 
 class PayoutStillPending(Exception):
     """Stripe could not be reached or answered with a temporary error: run again."""
+
+
+class PayoutStillReserved(Exception):
+    """The seller has a payout still reserved: it is finished before another is made."""
 
 
 def stripe_client() -> stripe.StripeClient:
@@ -106,6 +124,12 @@ def resumable_payouts(seller: Seller | None = None) -> QuerySet[Payout]:
 def payout_reserve(*, seller: Seller, as_of: date) -> list[Payout]:
     """Phase 1: our payouts (one per currency) for the seller's released, unpaid money."""
     txutils.annotate(seller=seller.stripe_account_id)
+    # Its money may already be at Stripe (a webhook that failed it released the
+    # transactions before we recorded its transfers): finish that one first.
+    open_payout = resumable_payouts(seller).order_by("created_at").first()
+    if open_payout is not None:
+        raise PayoutStillReserved(f"{seller.stripe_account_id} has payout "
+                                  f"{open_payout.reference} still reserved: resume it first")
     locked = list(eligible_transactions(seller, as_of).select_for_update().order_by("id"))
     by_currency: dict[str, list[PaymentTransaction]] = defaultdict(list)
     for txn in locked:
@@ -156,7 +180,11 @@ def payout_submit(*, payout: Payout, client: stripe.StripeClient | None = None) 
     transfers = list(PaymentTransfer.objects.filter(payout_items__payout=payout).order_by("id"))
     # our transfer id -> tr_…: those standing from before, then those Stripe confirms now
     made = {t.pk: t.stripe_transfer_id for t in transfers if t.stripe_transfer_id}
+    submitted_at = _submission_start(payout)
+    stripe_payout: Any = None
     try:
+        if timezone.now() - submitted_at > KEYS_TRUSTED_FOR:
+            stripe_payout = _look_up(payout, account, made, submitted_at, client)
         for transfer in transfers:
             if transfer.pk in made:
                 continue
@@ -164,22 +192,81 @@ def payout_submit(*, payout: Payout, client: stripe.StripeClient | None = None) 
                 params={"amount": transfer.amount, "currency": payout.currency,
                         "destination": account, "transfer_group": payout.reference or "",
                         "metadata": {METADATA_KEY: payout.reference or "",
-                                     "payout_console_transfer": str(transfer.pk)}},
+                                     TRANSFER_KEY: str(transfer.pk)}},
                 options={"idempotency_key": idempotency_key(payout, f"transfer:{transfer.pk}")},
             )
             made[transfer.pk] = created.id
-        stripe_payout = client.v1.payouts.create(
-            params={"amount": payout.amount, "currency": payout.currency,
-                    "metadata": {METADATA_KEY: payout.reference or ""}},
-            options={"idempotency_key": idempotency_key(payout, "payout"),
-                     "stripe_account": account},
-        )
+        if stripe_payout is None:
+            stripe_payout = client.v1.payouts.create(
+                params={"amount": payout.amount, "currency": payout.currency,
+                        "metadata": {METADATA_KEY: payout.reference or ""}},
+                options={"idempotency_key": idempotency_key(payout, "payout"),
+                         "stripe_account": account},
+            )
     except stripe.StripeError as exc:
         if _is_final(exc):
             return _payout_fail(payout, made, exc, client)
         log.warning("payout.submit_postponed", reference=payout.reference, error=str(exc))
         raise PayoutStillPending(f"{payout.reference}: {exc.user_message or exc}") from exc
     return _payout_record(payout, made, stripe_payout)
+
+
+def _submission_start(payout: Payout) -> datetime:
+    """When our first request for the payout went to Stripe: now, if none went yet. It
+    is on record before the first request leaves, so a crash cannot lose it."""
+    if payout.submitted_at is None:
+        Payout.objects.filter(pk=payout.pk, submitted_at__isnull=True).update(
+            submitted_at=timezone.now())
+        payout.refresh_from_db(fields=["submitted_at"])
+    assert payout.submitted_at is not None
+    return payout.submitted_at
+
+
+def _look_up(payout: Payout, account: str, made: dict[int, str], submitted_at: datetime,
+             client: stripe.StripeClient) -> Any:
+    """Past KEYS_TRUSTED_FOR, our keys may be forgotten: find what Stripe made for the
+    payout before sending anything, and record it. Returns Stripe's payout, if made."""
+    reference = payout.reference or ""
+    found: dict[int, str] = {}
+    for transfer in client.v1.transfers.list(
+            params={"transfer_group": reference, "limit": 100}).auto_paging_iter():
+        ours = transfer.to_dict().get("metadata", {}).get(TRANSFER_KEY, "")
+        if transfer.reversed:
+            _hold_for_review(payout, f"Stripe has reversed transfer {transfer.id} of it: a "
+                                     "release was under way; a person must decide")
+        if ours.isdigit():
+            found[int(ours)] = transfer.id
+    since = int((submitted_at - timedelta(hours=1)).timestamp())  # clocks may differ
+    carrying = [p for p in client.v1.payouts.list(
+        params={"created": {"gte": since}, "limit": 100},
+        options={"stripe_account": account}).auto_paging_iter()
+        if p.to_dict().get("metadata", {}).get(METADATA_KEY) == reference]
+    if len(carrying) > 1:
+        _hold_for_review(payout, "Stripe has several payouts carrying its reference: "
+                                 + ", ".join(p.id for p in carrying))
+    new = {pk: tr for pk, tr in found.items() if made.get(pk) != tr}
+    made.update(found)
+    _transfers_record(new)
+    log.info("payout.looked_up", reference=reference, transfers_found=len(found),
+             payout_found=carrying[0].id if carrying else None)
+    return carrying[0] if carrying else None
+
+
+def _hold_for_review(payout: Payout, reason: str) -> None:
+    flag_for_review(payout.pk, reason)
+    raise PayoutStillPending(f"{payout.reference}: {reason}")
+
+
+@txutils.financial_transaction(operation="payout.record_transfers")
+def _transfers_record(made: dict[int, str]) -> None:
+    for transfer_id, stripe_transfer_id in made.items():
+        PaymentTransfer.objects.filter(pk=transfer_id, stripe_transfer_id__isnull=True).update(
+            stripe_transfer_id=stripe_transfer_id)
+
+
+@txutils.financial_transaction(operation="payout.review_requested")
+def flag_for_review(payout_id: int, reason: str) -> None:
+    ledger.review_request(payout_id, reason)
 
 
 def _is_final(exc: stripe.StripeError) -> bool:
@@ -196,9 +283,7 @@ def _payout_record(payout: Payout, made: dict[int, str], stripe_payout: Any) -> 
     txutils.annotate(payout_id=locked.pk)
     if locked.creation_state != Creation.RESERVED:  # another run settled it meanwhile
         return locked
-    for transfer_id, stripe_transfer_id in made.items():
-        PaymentTransfer.objects.filter(pk=transfer_id, stripe_transfer_id__isnull=True).update(
-            stripe_transfer_id=stripe_transfer_id)
+    _transfers_record(made)
     if locked.stripe_payout_id is None:
         locked.stripe_payout_id = stripe_payout.id
     if not locked.last_event_id:  # no webhook applied yet: Stripe's answer is the news
@@ -213,9 +298,23 @@ def _payout_record(payout: Payout, made: dict[int, str], stripe_payout: Any) -> 
     return locked
 
 
+def _stripe_made_it(payout: Payout) -> str:
+    """Why Stripe's payout exists after all (we know its id, or a webhook moved it); ""
+    when nothing says so."""
+    if payout.stripe_payout_id:
+        return f"Stripe's payout {payout.stripe_payout_id} exists"
+    if payout.last_event_id:
+        return f"event {payout.last_event_id} was applied to it"
+    return ""
+
+
 def _payout_fail(payout: Payout, made: dict[int, str], error: stripe.StripeError,
                  client: stripe.StripeClient) -> Payout:
-    """A final Stripe error: undo the transfers Stripe made, then release the money."""
+    """A final Stripe error: undo the transfers Stripe made, then release the money;
+    unless Stripe's payout exists after all."""
+    payout.refresh_from_db()
+    if _stripe_made_it(payout):
+        return _release_refused(payout, error)
     try:
         for transfer_id, stripe_transfer_id in made.items():
             client.v1.transfers.reversals.create(
@@ -223,7 +322,21 @@ def _payout_fail(payout: Payout, made: dict[int, str], error: stripe.StripeError
                 options={"idempotency_key": idempotency_key(payout, f"reversal:{transfer_id}")})
     except stripe.StripeError as exc:  # Stripe keeps the first error per key: a rerun ends here
         raise PayoutStillPending(f"{payout.reference}: reversing its transfers: {exc}") from exc
-    return _payout_release(payout, made, f"{type(error).__name__}: {error.user_message or error}")
+    released = _payout_release(payout, made, f"{type(error).__name__}: "
+                                             f"{error.user_message or error}")
+    if released.creation_state == Creation.RESERVED:  # a webhook linked it meanwhile
+        return _release_refused(released, error, note=f" (its transfers {sorted(made.values())} "
+                                                       "were reversed at Stripe)")
+    return released
+
+
+def _release_refused(payout: Payout, error: stripe.StripeError, note: str = "") -> Payout:
+    reason = (f"Stripe refused a request for it ({type(error).__name__}: "
+              f"{error.user_message or error}), but {_stripe_made_it(payout)}: its money was "
+              f"not released{note}; check it against Stripe")
+    flag_for_review(payout.pk, reason)
+    log.error("payout.release_refused", reference=payout.reference, reason=reason)
+    raise PayoutStillPending(f"{payout.reference}: {reason}")
 
 
 @txutils.financial_transaction(operation="payout.release")
@@ -234,13 +347,12 @@ def _payout_release(payout: Payout, reversed_transfers: dict[int, str], error: s
         # Another run settled it meanwhile, and its money may be in a newer payout by
         # now: releasing it again would pay it twice.
         return locked
+    if _stripe_made_it(locked):  # a webhook linked it since we looked: the caller flags it
+        return locked
     for transfer_id, stripe_transfer_id in reversed_transfers.items():
         PaymentTransfer.objects.filter(pk=transfer_id).update(
             stripe_transfer_id=stripe_transfer_id, status=PaymentTransfer.Status.REVERSED)
-    PaymentTransfer.objects.filter(payout_items__payout=locked).exclude(
-        status=PaymentTransfer.Status.REVERSED).update(status=PaymentTransfer.Status.FAILED)
-    PaymentTransaction.objects.filter(transfers__payout_items__payout=locked).update(
-        payed_out=False, actual_release_date=None)
+    ledger.payout_release(locked.pk)
     locked.status = Payout.Status.FAILED
     locked.creation_state = Creation.FAILED
     locked.creation_error = error

@@ -63,6 +63,28 @@ def deliver(base_url: str, event: dict[str, Any], *, secret: str = SECRET,
     })
 
 
+def payout_event(event_type: str, payout_id: str, status: str | None = None, *, created: int,
+                 object_created: int | None = None, account: str | None = None,
+                 **fields: Any) -> dict[str, Any]:
+    """A Stripe event for payout ``payout_id``, created at ``created``. A payout we know
+    lends it what the ledger checks (account, amount, currency), as Stripe's own
+    events would carry them; ``account`` and ``fields`` override."""
+    from payouts.models import Payout
+
+    ours = Payout.objects.select_related("seller").filter(stripe_payout_id=payout_id).first()
+    if ours is not None:
+        fields = {"amount": ours.amount, "currency": ours.currency, **fields}
+        if account is None and ours.seller is not None:
+            account = ours.seller.stripe_account_id
+    status = status or stripe_events.TYPICAL_STATUS[event_type]
+    if status == "failed":
+        fields = {**stripe_events.failed_payout_defaults(), **fields}
+    obj = stripe_events.payout_object(payout_id, status=status,
+                                      created=created if object_created is None
+                                      else object_created, **fields)
+    return stripe_events.payout_event(event_type, obj, account=account, created=created)
+
+
 def server_env(database_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DJANGO_", "STRIPE_", "WEBHOOK_", "LOG_"))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -23,14 +23,11 @@ from payouts.models import (
     WebhookEventAttempt,
 )
 from payouts.services import inbox
-from payouts.services.processing import (
-    Kind,
-    ProcessingOutcome,
-    event_process,
-    event_receive,
-    update_payout_from_webhook,
-)
+from payouts.services.ledger import update_payout_from_webhook
+from payouts.services.outcome import Outcome, ProcessingOutcome
+from payouts.services.processing import event_process, event_receive
 from tests.factories import make_payout, make_seller
+from tests.payouts.helpers import payout_event
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -43,14 +40,13 @@ TXN_TABLE = PaymentTransaction._meta.db_table
 
 def payout_evt(event_type: str, payout_id: str, status: str, *, at: int = 0,
                account: str | None = None, **fields: Any) -> dict[str, Any]:
-    """A Stripe payout event created ``at`` seconds after T0."""
-    obj = stripe_events.payout_object(payout_id, status=status, created=T0, **fields)
-    return stripe_events.payout_event(event_type, obj, account=account, created=T0 + at)
+    """A Stripe payout event created ``at`` seconds after T0, agreeing with our payout."""
+    return payout_event(event_type, payout_id, status, created=T0 + at, object_created=T0,
+                        account=account, **fields)
 
 
 def failed_evt(payout_id: str, *, at: int = 0, **fields: Any) -> dict[str, Any]:
-    values = {**stripe_events.failed_payout_defaults(), **fields}
-    return payout_evt("payout.failed", payout_id, "failed", at=at, **values)
+    return payout_evt("payout.failed", payout_id, "failed", at=at, **fields)
 
 
 def store(event: dict[str, Any]) -> WebhookEvent:
@@ -119,12 +115,12 @@ def test_paid_then_failed_releases_every_transaction_of_the_payout():
     po = payout.stripe_payout_id
 
     _, paid = deliver(payout_evt("payout.paid", po, "paid", at=10))
-    assert paid.kind == Kind.APPLIED
+    assert paid.kind == Outcome.APPLIED
     assert {t.status for t in transfers_of(payout)} == {"paid"}
 
     row, outcome = deliver(failed_evt(po, at=20))
 
-    assert outcome == ProcessingOutcome(Kind.APPLIED, "paid → failed", payout.pk, "processed")
+    assert outcome == ProcessingOutcome(Outcome.APPLIED, "paid → failed", payout.pk, "processed")
     assert row.status == WebhookEvent.Status.PROCESSED
     payout.refresh_from_db()
     assert payout.status == "failed"
@@ -144,7 +140,7 @@ def test_an_unknown_failure_code_is_kept_as_sent():
     payout = make_payout(status="paid", transactions=2)
     _, outcome = deliver(failed_evt(payout.stripe_payout_id, failure_code="brand_new_code",
                                     failure_message="Something new went wrong."))
-    assert outcome.kind == Kind.APPLIED
+    assert outcome.kind == Outcome.APPLIED
     payout.refresh_from_db()
     assert (payout.status, payout.failure_code, payout.failure_message) == (
         "failed", "brand_new_code", "Something new went wrong.")
@@ -160,7 +156,7 @@ def test_in_transit_then_paid_marks_transfers_paid_and_sets_arrival():
     row, outcome = deliver(payout_evt("payout.paid", payout.stripe_payout_id, "paid", at=5,
                                       arrival_date=arrival))
 
-    assert outcome == ProcessingOutcome(Kind.APPLIED, "in_transit → paid", payout.pk,
+    assert outcome == ProcessingOutcome(Outcome.APPLIED, "in_transit → paid", payout.pk,
                                         "processed")
     payout.refresh_from_db()
     assert payout.status == "paid"
@@ -187,7 +183,7 @@ def test_a_late_paid_after_failed_is_skipped(paid_at, reason_start):
 
     row, outcome = deliver(payout_evt("payout.paid", po, "paid", at=paid_at))
 
-    assert outcome.kind == Kind.SKIPPED
+    assert outcome.kind == Outcome.SKIPPED
     assert outcome.reason.startswith(reason_start)
     if paid_at < 20:
         assert failed_row.stripe_event_id in outcome.reason
@@ -206,7 +202,7 @@ def test_an_old_payout_updated_after_paid_is_skipped():
 
     row, outcome = deliver(payout_evt("payout.updated", po, "in_transit", at=10))
 
-    assert outcome.kind == Kind.SKIPPED
+    assert outcome.kind == Outcome.SKIPPED
     assert outcome.reason == f"older than the newest applied event {paid_row.stripe_event_id}"
     assert row.status == WebhookEvent.Status.SKIPPED
     assert ledger_state(payout) == before
@@ -218,10 +214,11 @@ def test_an_old_payout_updated_after_paid_is_skipped():
 
 def test_paid_for_an_unknown_payout_waits_then_applies_once_it_exists():
     """payout.paid before its payout exists: retry with backoff; once created, applied once."""
-    po = new_payout_id()
-    row, outcome = deliver(payout_evt("payout.paid", po, "paid", at=10))
+    po, seller = new_payout_id(), make_seller()
+    row, outcome = deliver(payout_evt("payout.paid", po, "paid", at=10,
+                                      account=seller.stripe_account_id, amount=2000))
 
-    assert outcome.kind == Kind.RETRY
+    assert outcome.kind == Outcome.RETRY
     assert outcome.status_after == WebhookEvent.Status.FAILED
     assert po in outcome.reason
     assert row.status == WebhookEvent.Status.FAILED
@@ -231,11 +228,12 @@ def test_paid_for_an_unknown_payout_waits_then_applies_once_it_exists():
     assert list(row.attempts_log.values_list("outcome", flat=True)) == ["retry"]
     assert not Payout.objects.filter(stripe_payout_id=po).exists()
 
-    payout = make_payout(stripe_payout_id=po, status="in_transit", transactions=2)
+    payout = make_payout(seller, stripe_payout_id=po, status="in_transit", transactions=2)
     outcome = process(row, trigger="worker")
-    assert outcome == ProcessingOutcome(Kind.APPLIED, "in_transit → paid", payout.pk, "processed")
+    assert outcome == ProcessingOutcome(Outcome.APPLIED, "in_transit → paid", payout.pk,
+                                        "processed")
     again = process(row, trigger="worker")
-    assert again.kind == Kind.SKIPPED
+    assert again.kind == Outcome.SKIPPED
 
     payout.refresh_from_db()
     row.refresh_from_db()
@@ -256,7 +254,7 @@ def test_payout_created_for_a_known_seller_creates_the_payout():
                                       account=seller.stripe_account_id, amount=4321,
                                       currency="eur", metadata={"run": "42"}))
 
-    assert outcome.kind == Kind.APPLIED and outcome.reason == "created"
+    assert outcome.kind == Outcome.APPLIED and outcome.reason == "created"
     payout = Payout.objects.get(stripe_payout_id=po)
     assert outcome.payout_id == payout.pk
     assert payout.seller == seller
@@ -273,7 +271,7 @@ def test_payout_created_for_an_unknown_account_waits():
     po = new_payout_id()
     row, outcome = deliver(payout_evt("payout.created", po, "pending",
                                       account="acct_notknownyet0001"))
-    assert outcome.kind == Kind.RETRY
+    assert outcome.kind == Outcome.RETRY
     assert "acct_notknownyet0001" in outcome.reason
     assert row.status == WebhookEvent.Status.FAILED
     assert row.next_attempt_at is not None and row.next_attempt_at > timezone.now()
@@ -284,7 +282,7 @@ def test_payout_created_without_account_is_a_platform_payout():
     """payout.created with no account (the platform's own payout) creates it with no seller."""
     po = new_payout_id()
     row, outcome = deliver(payout_evt("payout.created", po, "pending"))
-    assert outcome.kind == Kind.APPLIED
+    assert outcome.kind == Outcome.APPLIED
     payout = Payout.objects.get(stripe_payout_id=po)
     assert payout.seller is None
     assert payout.status == "pending"
@@ -303,8 +301,8 @@ def test_processing_the_same_event_twice_changes_nothing_the_second_time():
 
     second = process(row, trigger="worker")
 
-    assert first.kind == Kind.APPLIED
-    assert second == ProcessingOutcome(Kind.SKIPPED, "already applied", None, "processed")
+    assert first.kind == Outcome.APPLIED
+    assert second == ProcessingOutcome(Outcome.SKIPPED, "already applied", None, "processed")
     assert ledger_state(payout) == after_first
     assert after_first["payout"]["events_applied"] == 1
     row.refresh_from_db()
@@ -322,8 +320,8 @@ def test_update_payout_from_webhook_twice_changes_nothing_the_second_time():
     after_first = ledger_state(payout)
     second = update_payout_from_webhook(row, obj)
 
-    assert first == ProcessingOutcome(Kind.APPLIED, "in_transit → paid", payout.pk)
-    assert second == ProcessingOutcome(Kind.SKIPPED, "already applied", payout.pk)
+    assert first == ProcessingOutcome(Outcome.APPLIED, "in_transit → paid", payout.pk)
+    assert second == ProcessingOutcome(Outcome.SKIPPED, "already applied", payout.pk)
     assert ledger_state(payout) == after_first
     assert after_first["payout"]["events_applied"] == 1
     assert after_first["payout"]["status"] == "paid"
@@ -349,7 +347,7 @@ def test_unhandled_event_types_are_ignored(event_type):
 
     row, outcome = deliver(event)
 
-    assert outcome == ProcessingOutcome(Kind.IGNORED, f"{event_type} is not handled", None,
+    assert outcome == ProcessingOutcome(Outcome.IGNORED, f"{event_type} is not handled", None,
                                         "ignored")
     assert row.status == WebhookEvent.Status.IGNORED
     assert row.status_reason == f"{event_type} is not handled"
@@ -366,7 +364,7 @@ def test_a_livemode_event_on_a_test_deployment_is_ignored(settings):
 
     row, outcome = deliver(event)
 
-    assert outcome.kind == Kind.IGNORED
+    assert outcome.kind == Outcome.IGNORED
     assert outcome.reason == "livemode=True on a test deployment"
     assert row.status == WebhookEvent.Status.IGNORED
     assert ledger_state(payout) == before
@@ -387,12 +385,12 @@ def test_every_processing_writes_one_transaction_log_and_one_attempt(case, path)
         deliver(failed_evt(po, at=50))
     TransactionLog.objects.all().delete()
     event, expected_kind, expected_payout = {
-        "applied": (payout_evt("payout.paid", po, "paid", at=10), Kind.APPLIED, payout.pk),
-        "skipped": (payout_evt("payout.paid", po, "paid", at=10), Kind.SKIPPED, payout.pk),
-        "retry": (payout_evt("payout.paid", new_payout_id(), "paid"), Kind.RETRY, None),
-        "ignored": (payout_evt("payout.reconciliation_completed", po, "paid"), Kind.IGNORED,
+        "applied": (payout_evt("payout.paid", po, "paid", at=10), Outcome.APPLIED, payout.pk),
+        "skipped": (payout_evt("payout.paid", po, "paid", at=10), Outcome.SKIPPED, payout.pk),
+        "retry": (payout_evt("payout.paid", new_payout_id(), "paid"), Outcome.RETRY, None),
+        "ignored": (payout_evt("payout.reconciliation_completed", po, "paid"), Outcome.IGNORED,
                     None),
-        "created": (payout_evt("payout.created", new_payout_id(), "pending"), Kind.APPLIED,
+        "created": (payout_evt("payout.created", new_payout_id(), "pending"), Outcome.APPLIED,
                     "new"),
     }[case]
 
@@ -441,7 +439,7 @@ def test_the_failed_reset_is_one_update_statement_for_fifty_transactions():
     with CaptureQueriesContext(connection) as queries:
         outcome = update_payout_from_webhook(row, event["data"]["object"])
 
-    assert outcome.kind == Kind.APPLIED
+    assert outcome.kind == Outcome.APPLIED
     statements = [" ".join(q["sql"].split()) for q in queries.captured_queries]
     txn_updates = [sql for sql in statements if f"UPDATE {TXN_TABLE} SET" in sql]
     assert len(txn_updates) == 1, statements
@@ -455,21 +453,49 @@ def test_the_failed_reset_is_one_update_statement_for_fifty_transactions():
 # --- retries ---------------------------------------------------------------------------------
 
 
-def test_a_retry_with_attempts_exhausted_makes_the_event_dead(settings):
-    """With WEBHOOK_MAX_ATTEMPTS=2 and 2 attempts used, a retry outcome makes the event dead."""
+def test_a_waiting_event_with_attempts_used_up_stays_failed_within_the_horizon(settings):
+    """WEBHOOK_MAX_ATTEMPTS=2 used up, but received less than 72 h ago: Stripe may still
+    deliver what it waits for, so it is retried, not dead."""
     settings.WEBHOOK_MAX_ATTEMPTS = 2
     row = store(payout_evt("payout.paid", new_payout_id(), "paid"))
-    WebhookEvent.objects.filter(pk=row.pk).update(attempts=2)
+    WebhookEvent.objects.filter(pk=row.pk).update(
+        attempts=5, received_at=timezone.now() - timedelta(hours=71))
 
     outcome = process(row, trigger="worker")
 
     row.refresh_from_db()
-    assert outcome.kind == Kind.RETRY
+    assert (outcome.kind, outcome.status_after) == (Outcome.RETRY, WebhookEvent.Status.FAILED)
+    assert row.next_attempt_at is not None and row.next_attempt_at > timezone.now()
+
+
+def test_a_waiting_event_past_the_horizon_with_attempts_used_up_is_dead(settings):
+    """Attempts used up and received more than WEBHOOK_RETRY_HORIZON_HOURS (72) ago: dead."""
+    settings.WEBHOOK_MAX_ATTEMPTS = 2
+    row = store(payout_evt("payout.paid", new_payout_id(), "paid"))
+    WebhookEvent.objects.filter(pk=row.pk).update(
+        attempts=2, received_at=timezone.now() - timedelta(hours=72, minutes=1))
+
+    outcome = process(row, trigger="worker")
+
+    row.refresh_from_db()
+    assert outcome.kind == Outcome.RETRY
     assert outcome.status_after == WebhookEvent.Status.DEAD
     assert row.status == WebhookEvent.Status.DEAD
     assert row.next_attempt_at is None
     assert "is not known yet" in row.last_error
     assert row.attempts_log.get().status_after == "dead"
+
+
+def test_past_the_horizon_an_event_still_gets_its_attempts(settings):
+    """Received long ago but with attempts left (e.g. a low backoff cap): retried."""
+    settings.WEBHOOK_MAX_ATTEMPTS = 10
+    row = store(payout_evt("payout.paid", new_payout_id(), "paid"))
+    WebhookEvent.objects.filter(pk=row.pk).update(
+        attempts=3, received_at=timezone.now() - timedelta(days=5))
+
+    outcome = process(row, trigger="worker")
+
+    assert outcome.status_after == WebhookEvent.Status.FAILED
 
 
 def test_a_retry_with_attempts_left_stays_failed(settings):
@@ -526,12 +552,12 @@ def test_two_events_of_one_payout_processed_at_once_end_at_the_newest():
         assert isinstance(paid, ProcessingOutcome), f"round {round_no}: {paid!r}"
         assert isinstance(failed, ProcessingOutcome), f"round {round_no}: {failed!r}"
         # The newest event always applies; the older one applies only if it went first.
-        assert failed.kind == Kind.APPLIED, failed
-        assert paid.kind in (Kind.APPLIED, Kind.SKIPPED), paid
+        assert failed.kind == Outcome.APPLIED, failed
+        assert paid.kind in (Outcome.APPLIED, Outcome.SKIPPED), paid
         paid_row.refresh_from_db()
         failed_row.refresh_from_db()
         assert failed_row.status == WebhookEvent.Status.PROCESSED
-        if paid.kind == Kind.SKIPPED:
+        if paid.kind == Outcome.SKIPPED:
             assert paid.reason == ("older than the newest applied event "
                                    f"{failed_row.stripe_event_id}")
             assert paid_row.status == WebhookEvent.Status.SKIPPED
@@ -543,7 +569,7 @@ def test_two_events_of_one_payout_processed_at_once_end_at_the_newest():
         assert payout.last_event_id == failed_row.stripe_event_id
         assert payout.last_event_created == failed_row.stripe_created
         assert payout.failure_code == "account_closed"
-        assert payout.events_applied == (2 if paid.kind == Kind.APPLIED else 1)
+        assert payout.events_applied == (2 if paid.kind == Outcome.APPLIED else 1)
         assert all(not t.payed_out and t.actual_release_date is None for t in txns_of(payout))
         assert [t.status for t in transfers_of(payout)] == ["failed"] * 3
 
@@ -554,4 +580,4 @@ def test_two_events_of_one_payout_processed_at_once_end_at_the_newest():
             assert log.attempts == 1 + len(log.sqlstates)
             assert set(log.sqlstates) <= {"40001", "40P01"}
             assert list(row.attempts_log.values_list("outcome", flat=True)) == [
-                "applied" if row is failed_row or paid.kind == Kind.APPLIED else "skipped"]
+                "applied" if row is failed_row or paid.kind == Outcome.APPLIED else "skipped"]

@@ -11,10 +11,12 @@ from django.contrib.auth.models import User
 from django.db import connections
 
 from payouts import stripe_events
-from payouts.models import PaymentTransaction, Payout, TransactionLog, WebhookEvent
+from payouts.models import PaymentTransaction, Payout, Seller, TransactionLog, WebhookEvent
 from payouts.services import inbox
-from payouts.services.processing import Kind, ProcessingOutcome, event_process, event_replay
-from tests.factories import make_payout
+from payouts.services.outcome import Outcome, ProcessingOutcome
+from payouts.services.processing import event_process, event_replay
+from tests.factories import make_payout, make_seller
+from tests.payouts.helpers import payout_event
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,8 +25,8 @@ T0 = int(time.time()) - 3600
 
 def payout_evt(event_type: str, payout_id: str, status: str, *, at: int = 0,
                **fields: Any) -> dict[str, Any]:
-    obj = stripe_events.payout_object(payout_id, status=status, created=T0, **fields)
-    return stripe_events.payout_event(event_type, obj, created=T0 + at)
+    return payout_event(event_type, payout_id, status, created=T0 + at, object_created=T0,
+                        **fields)
 
 
 def store(event: dict[str, Any]) -> WebhookEvent:
@@ -34,16 +36,25 @@ def store(event: dict[str, Any]) -> WebhookEvent:
     return WebhookEvent.objects.get(pk=recorded.event_id)
 
 
-def failed_event_of_unknown_payout(event_type: str = "payout.paid",
-                                   status: str = "paid") -> tuple[WebhookEvent, str]:
-    """An event processed inline before its payout existed: left ``failed`` for a retry."""
-    po = stripe_events.new_id("po")
-    row = store(payout_evt(event_type, po, status, at=10))
+def early_event(event_type: str, status: str, po: str, seller: Seller,
+                transactions: int) -> dict[str, Any]:
+    """An event for ``make_payout(seller, stripe_payout_id=po, transactions=…)``, made
+    before that payout exists."""
+    return payout_evt(event_type, po, status, at=10, account=seller.stripe_account_id,
+                      amount=1000 * transactions)
+
+
+def failed_event_of_unknown_payout(event_type: str = "payout.paid", status: str = "paid",
+                                   transactions: int = 2) -> tuple[WebhookEvent, str, Seller]:
+    """An event processed inline before its payout existed: left ``failed`` for a retry.
+    The payout to make afterwards: ``make_payout(seller, stripe_payout_id=po, ...)``."""
+    po, seller = stripe_events.new_id("po"), make_seller()
+    row = store(early_event(event_type, status, po, seller, transactions))
     outcome = event_process(event_id=row.pk, trigger="inline")
-    assert outcome.kind == Kind.RETRY
+    assert outcome.kind == Outcome.RETRY
     row.refresh_from_db()
     assert row.status == WebhookEvent.Status.FAILED
-    return row, po
+    return row, po, seller
 
 
 def ledger_state(payout: Payout) -> dict[str, Any]:
@@ -66,12 +77,13 @@ def staff() -> User:
 
 def test_replaying_a_failed_event_applies_it_and_records_the_staff_user(staff):
     """A failed event whose payout now exists is applied by a replay, audited with the user."""
-    row, po = failed_event_of_unknown_payout()
-    payout = make_payout(stripe_payout_id=po, status="in_transit", transactions=2)
+    row, po, seller = failed_event_of_unknown_payout()
+    payout = make_payout(seller, stripe_payout_id=po, status="in_transit", transactions=2)
 
     outcome = event_replay(event_id=row.pk, requested_by=staff)
 
-    assert outcome == ProcessingOutcome(Kind.APPLIED, "in_transit → paid", payout.pk, "processed")
+    assert outcome == ProcessingOutcome(Outcome.APPLIED, "in_transit → paid", payout.pk,
+                                        "processed")
     row.refresh_from_db()
     payout.refresh_from_db()
     assert row.status == WebhookEvent.Status.PROCESSED
@@ -94,13 +106,13 @@ def test_replaying_a_processed_event_changes_nothing(staff):
     event = payout_evt("payout.failed", payout.stripe_payout_id, "failed", at=10,
                        **stripe_events.failed_payout_defaults())
     row = store(event)
-    assert event_process(event_id=row.pk, trigger="inline").kind == Kind.APPLIED
+    assert event_process(event_id=row.pk, trigger="inline").kind == Outcome.APPLIED
     row.refresh_from_db()
     before, event_before = ledger_state(payout), (row.status, row.processed_at, row.attempts)
 
     outcome = event_replay(event_id=row.pk, requested_by=staff)
 
-    assert outcome == ProcessingOutcome(Kind.SKIPPED, "already applied", None, "processed")
+    assert outcome == ProcessingOutcome(Outcome.SKIPPED, "already applied", None, "processed")
     assert ledger_state(payout) == before
     row.refresh_from_db()
     assert (row.status, row.processed_at, row.attempts) == event_before
@@ -111,17 +123,18 @@ def test_replaying_a_processed_event_changes_nothing(staff):
 def test_replaying_a_dead_event_processes_it(settings, staff):
     """A dead event (retries exhausted) is brought back by a replay and becomes processed."""
     settings.WEBHOOK_MAX_ATTEMPTS = 1
-    po = stripe_events.new_id("po")
-    row = store(payout_evt("payout.paid", po, "paid", at=10))
+    settings.WEBHOOK_RETRY_HORIZON_HOURS = 0
+    po, seller = stripe_events.new_id("po"), make_seller()
+    row = store(early_event("payout.paid", "paid", po, seller, transactions=2))
     assert event_process(event_id=row.pk, trigger="inline").status_after == "dead"
     row.refresh_from_db()
     assert row.status == WebhookEvent.Status.DEAD
     assert event_process(event_id=row.pk, trigger="worker").reason == "already dead"
-    payout = make_payout(stripe_payout_id=po, status="in_transit", transactions=2)
+    payout = make_payout(seller, stripe_payout_id=po, status="in_transit", transactions=2)
 
     outcome = event_replay(event_id=row.pk, requested_by=staff)
 
-    assert outcome.kind == Kind.APPLIED
+    assert outcome.kind == Outcome.APPLIED
     row.refresh_from_db()
     payout.refresh_from_db()
     assert row.status == WebhookEvent.Status.PROCESSED
@@ -133,8 +146,8 @@ def test_replaying_a_dead_event_processes_it(settings, staff):
 def test_two_replays_at_once_apply_the_event_exactly_once(staff):
     """Two staff replays of one failed event at the same moment (5 rounds): applied once."""
     for round_no in range(5):
-        row, po = failed_event_of_unknown_payout()
-        payout = make_payout(stripe_payout_id=po, status="in_transit", transactions=2)
+        row, po, seller = failed_event_of_unknown_payout()
+        payout = make_payout(seller, stripe_payout_id=po, status="in_transit", transactions=2)
         barrier = threading.Barrier(2)
         results: list[Any] = [None, None]
 
@@ -157,8 +170,8 @@ def test_two_replays_at_once_apply_the_event_exactly_once(staff):
 
         assert all(isinstance(r, ProcessingOutcome) for r in results), (round_no, results)
         kinds = sorted(r.kind for r in results)
-        assert kinds == [Kind.APPLIED, Kind.SKIPPED], (round_no, results)
-        skipped = next(r for r in results if r.kind == Kind.SKIPPED)
+        assert kinds == [Outcome.APPLIED, Outcome.SKIPPED], (round_no, results)
+        skipped = next(r for r in results if r.kind == Outcome.SKIPPED)
         assert skipped.reason == "already applied"
         replays = row.attempts_log.filter(trigger="replay")
         assert sorted(replays.values_list("outcome", flat=True)) == ["applied", "skipped"]
@@ -175,8 +188,8 @@ def test_two_replays_at_once_apply_the_event_exactly_once(staff):
 
 def test_a_double_replay_in_sequence_gives_the_same_state_as_one(staff):
     """Replay, snapshot, replay again: ledger and event are exactly as after the first."""
-    row, po = failed_event_of_unknown_payout("payout.failed", "failed")
-    payout = make_payout(stripe_payout_id=po, status="paid", transactions=3)
+    row, po, seller = failed_event_of_unknown_payout("payout.failed", "failed", transactions=3)
+    payout = make_payout(seller, stripe_payout_id=po, status="paid", transactions=3)
 
     first = event_replay(event_id=row.pk, requested_by=staff)
     row.refresh_from_db()
@@ -185,8 +198,8 @@ def test_a_double_replay_in_sequence_gives_the_same_state_as_one(staff):
     row.refresh_from_db()
     after_two = ledger_state(payout), (row.status, row.status_reason, row.processed_at)
 
-    assert first.kind == Kind.APPLIED
-    assert second == ProcessingOutcome(Kind.SKIPPED, "already applied", None, "processed")
+    assert first.kind == Outcome.APPLIED
+    assert second == ProcessingOutcome(Outcome.SKIPPED, "already applied", None, "processed")
     assert after_two == after_one
     ledger, _ = after_one
     assert ledger["payout"]["status"] == "failed"

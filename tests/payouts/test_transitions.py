@@ -88,13 +88,30 @@ def test_the_same_event_id_is_already_applied(current, new, created_offset):
     (PAID, FAILED, True),
     (PAID, IN_TRANSIT, False),
     (FAILED, PAID, False),
-    (PAID, PAID, True),
 ])
 def test_equal_created_times_are_decided_by_the_table(current, new, applies):
-    """An event created in the same second as the newest applied one is not 'older'."""
+    """An event created in the same second as the newest applied one is not 'older':
+    between different statuses the transition table decides."""
     decision = newer_event(current, new, event_created=T0)
     assert decision.apply is applies
     assert not decision.reason.startswith("older")
+    assert decision.review is False
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_same_second_same_status_changes_nothing_and_asks_for_review(status):
+    """Same second, same status, another event: which is newer cannot be told, so the
+    applied one stays and the payout is marked for reconciliation."""
+    decision = newer_event(status, status, event_created=T0)
+    assert decision == Decision(
+        False, "same second and status as the applied event evt_last; payout marked for "
+        "reconciliation", review=True)
+
+
+def test_a_later_event_with_the_same_status_still_applies():
+    """One second later, the same status is news (arrival date, metadata): applied."""
+    decision = newer_event(PAID, PAID, event_created=T0 + timedelta(seconds=1))
+    assert decision == Decision(True, "no status change")
 
 
 def test_equal_created_paid_and_failed_end_failed_in_either_order():

@@ -59,7 +59,7 @@ def _now() -> int:
 
 def _event(payout_id: str, event_type: str = "payout.paid", **changes: Any) -> dict[str, Any]:
     """A realistic payout event for ``payout_id``; ``changes`` replace (or DROP) top-level keys."""
-    obj = stripe_events.payout_object(payout_id, status=stripe_events.STATUS_OF_TYPE[event_type])
+    obj = stripe_events.payout_object(payout_id, status=stripe_events.TYPICAL_STATUS[event_type])
     event = stripe_events.payout_event(event_type, obj)
     for key, value in changes.items():
         if value is DROP:

@@ -7,7 +7,11 @@ from django.utils import timezone
 
 from payouts.models import Seller
 from payouts.services import seller_payouts
-from payouts.services.seller_payouts import PayoutStillPending, StripeNotConfigured
+from payouts.services.seller_payouts import (
+    PayoutStillPending,
+    PayoutStillReserved,
+    StripeNotConfigured,
+)
 
 
 class Command(BaseCommand):
@@ -38,7 +42,12 @@ class Command(BaseCommand):
         for payout in seller_payouts.resumable_payouts(only):
             self._submit(payout, client, pending, resumed=True)
         for balance_seller in {b.seller for b in seller_payouts.eligible_balances(today, only)}:
-            for payout in seller_payouts.payout_reserve(seller=balance_seller, as_of=today):
+            try:
+                reserved = seller_payouts.payout_reserve(seller=balance_seller, as_of=today)
+            except PayoutStillReserved as exc:  # its resume above did not finish
+                self.stderr.write(f"not paid now: {exc}")
+                continue
+            for payout in reserved:
                 self._submit(payout, client, pending, resumed=False)
         if pending:
             raise CommandError(f"{len(pending)} payout(s) could not be finished and stay "
@@ -67,6 +76,10 @@ class Command(BaseCommand):
                               f"{payout.currency.upper()} to {payout.seller.stripe_account_id})")
         balances = seller_payouts.eligible_balances(today, only)
         for b in balances:
+            if any(p.seller_id == b.seller.pk for p in resumable):
+                self.stdout.write(f"would not pay {b.seller.stripe_account_id} more until its "
+                                  "reserved payout is finished")
+                continue
             self.stdout.write(f"would pay {b.amount / 100:,.2f} {b.currency.upper()} to "
                               f"{b.seller.stripe_account_id} ({b.seller.name}, "
                               f"{b.transactions} transactions)")
