@@ -20,10 +20,18 @@ class PayoutFilter(django_filters.FilterSet):
                                               label="Created from", widget=DATE)
     created_before = django_filters.DateFilter(field_name="created_at", lookup_expr="date__lte",
                                                label="to", widget=DATE)
+    flag = django_filters.ChoiceFilter(
+        method="flagged", label="Marked", empty_label="anything",
+        choices=[("review", "to review"), ("reversed", "reversed"), ("reversal", "reversals")])
 
     class Meta:
         model = Payout
-        fields = ["q", "status", "failure_code", "created_after", "created_before"]
+        fields = ["q", "status", "failure_code", "created_after", "created_before", "flag"]
+
+    def flagged(self, queryset: QuerySet[Payout], name: str, value: str) -> QuerySet[Payout]:
+        return {"review": queryset.exclude(review_reason=""),
+                "reversed": queryset.filter(reversed_at__isnull=False),
+                "reversal": queryset.filter(original_payout__isnull=False)}[value]
 
     def search(self, queryset: QuerySet[Payout], name: str, value: str) -> QuerySet[Payout]:
         value = value.strip()

@@ -4,7 +4,7 @@ from typing import Any
 
 import django_tables2 as tables
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from payouts.models import Payout, TransactionLog, WebhookEvent
 
@@ -17,6 +17,26 @@ def money(amount: int | None, currency: str) -> str:
 
 def status_badge(value: str) -> str:
     return format_html('<span class="badge badge-{}">{}</span>', value, value.replace("_", " "))
+
+
+def payout_status(payout: Payout) -> str:
+    """A payout's status wherever the console shows one: Stripe's status, then whether it
+    was reversed, is a reversal, or is marked for review."""
+    parts = [status_badge(payout.status)]
+    if payout.is_reversed:
+        parts.append(format_html('<span class="badge badge-reversed" title="reversed by {}">'
+                                 'reversed</span>', payout.reversed_by))
+    if payout.original_payout_id:
+        parts.append(format_html('<span class="badge badge-reversal">reversal</span>'))
+    if payout.review_reason:
+        parts.append(format_html('<span class="badge badge-review" title="{}">to review</span>',
+                                 payout.review_reason))
+    return format_html_join(" ", "{}", ((part,) for part in parts))
+
+
+class PayoutStatusColumn(tables.Column):
+    def render(self, record: Payout) -> str:
+        return payout_status(record)
 
 
 class BadgeColumn(tables.Column):
@@ -32,7 +52,7 @@ class PayoutTable(tables.Table):
     seller = tables.Column(accessor="seller__name", verbose_name="Seller",
                            order_by=("seller__name",), default="platform")
     amount = tables.Column()
-    status = BadgeColumn()
+    status = PayoutStatusColumn()
     failure_code = tables.Column(verbose_name="Failure")
     arrival_date = tables.DateTimeColumn(format="Y-m-d", verbose_name="Arrival")
     last_event_type = tables.Column(verbose_name="Last event")

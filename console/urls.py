@@ -14,6 +14,7 @@ urlpatterns = [
     path("events/replay/", views.event_bulk_replay, name="event-bulk-replay"),
     path("events/<int:pk>/", views.event_detail, name="event-detail"),
     path("events/<int:pk>/replay/", views.event_replay_view, name="event-replay"),
+    path("events/<int:pk>/dismiss/", views.event_dismiss_view, name="event-dismiss"),
     path("transactions/", views.transaction_logs, name="transaction-logs"),
     path("health/", views.health, name="health"),
     path("login/", auth_views.LoginView.as_view(), name="login"),

@@ -9,10 +9,17 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, HttpResponseRedirect
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseForbidden,
+    HttpResponseRedirect,
+)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -25,7 +32,7 @@ from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
 from console.tables import EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
 from payouts.models import Payout, TransactionLog, WebhookEvent
-from payouts.services import seller_payouts
+from payouts.services import inbox, seller_payouts
 from payouts.services.processing import event_replay
 
 log = structlog.get_logger(__name__)
@@ -73,7 +80,10 @@ def payout_list(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @permission_required("payouts.view_payout", raise_exception=True)
 def payout_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    payout = get_object_or_404(selectors.payout_list(), pk=pk)
+    try:
+        payout = selectors.payout_detail(pk)
+    except Payout.DoesNotExist:
+        raise Http404("No such payout.") from None
     return render(request, "console/payout_detail.html", {
         "payout": payout,
         "items": selectors.payout_items(payout),
@@ -128,6 +138,7 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
         "filter": filters,
         "table": _event_table(request, filters.qs),
         "failed_count": selectors.failed_event_count(),
+        "held_count": selectors.held_event_count(),
     })
 
 
@@ -141,8 +152,10 @@ def event_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "payload": selectors.event_payload_pretty(event),
         "attempts": selectors.event_attempts(event),
         "transaction_logs": event.transaction_logs.order_by("started_at"),
-        "payout": Payout.objects.filter(stripe_payout_id=event.stripe_object_id).first()
-        if event.stripe_object_id else None,
+        "payout": selectors.payout_by_stripe_id(event.stripe_object_id),
+        "pending": event.status in WebhookEvent.PENDING,
+        "gives_up_at": inbox.gives_up_at(event.received_at),
+        "max_attempts": settings.WEBHOOK_MAX_ATTEMPTS,
     })
 
 
@@ -159,6 +172,22 @@ def event_replay_view(request: HtmxHttpRequest, pk: int) -> HttpResponse:
                       {"row": table.rows[0], "table": table, "replayed": outcome})
     messages.info(request, f"{event.stripe_event_id}: {outcome.kind} ({outcome.reason})")
     return HttpResponseRedirect(request.POST.get("next") or reverse("event-detail", args=[pk]))
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def event_dismiss_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """A person decided a held event is not to be applied; the reason is required."""
+    event = get_object_or_404(WebhookEvent, pk=pk)
+    try:
+        inbox.event_dismiss(event_id=event.pk, requested_by=request.user,  # type: ignore[arg-type]
+                            reason=request.POST.get("reason", ""))
+    except inbox.CannotDismiss as exc:
+        messages.error(request, str(exc))
+        return HttpResponseRedirect(reverse("event-detail", args=[pk]), status=303)
+    messages.success(request, f"{event.stripe_event_id} dismissed: it stays on record as skipped.")
+    return HttpResponseRedirect(reverse("event-detail", args=[pk]), status=303)
 
 
 @require_POST
@@ -226,6 +255,7 @@ def health(request: HtmxHttpRequest) -> HttpResponse:
         "stuck_count": stuck_count,
         "stuck": stuck,
         "backlog": selectors.event_backlog(),
+        "to_review": selectors.payouts_to_review().count(),
         "rejections": selectors.rejections(),
         "latency": selectors.processing_latency(day),
         "retries_chart": charts.bar_chart(

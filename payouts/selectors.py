@@ -32,6 +32,17 @@ def payouts_created_here() -> QuerySet[Payout]:
             .order_by("-created_at"))
 
 
+def payout_detail(pk: int) -> Payout:
+    return (Payout.objects.select_related("seller", "original_payout")
+            .prefetch_related("reversals").get(pk=pk))
+
+
+def payout_by_stripe_id(stripe_payout_id: str) -> Payout | None:
+    if not stripe_payout_id:
+        return None
+    return Payout.objects.filter(stripe_payout_id=stripe_payout_id).first()
+
+
 def payout_items(payout: Payout) -> QuerySet[PayoutItem]:
     return (PayoutItem.objects.filter(payout=payout).order_by("id")
             .select_related("payment_transfer__payment_transaction"))
@@ -71,6 +82,16 @@ def event_attempts(event: WebhookEvent) -> QuerySet[WebhookEventAttempt]:
 
 def failed_event_count() -> int:
     return WebhookEvent.objects.filter(status=WebhookEvent.Status.FAILED).count()
+
+
+def held_event_count() -> int:
+    return WebhookEvent.objects.filter(status=WebhookEvent.Status.HELD).count()
+
+
+def payouts_to_review() -> QuerySet[Payout]:
+    """Payouts marked for a person (and reconciliation), oldest mark first."""
+    return (Payout.objects.exclude(review_reason="").select_related("seller")
+            .order_by("review_requested_at"))
 
 
 # --- transaction logs ----------------------------------------------------------------
@@ -197,6 +218,7 @@ class Backlog:
     due: int  # of those, due now
     oldest_due_age_s: float | None
     dead: int
+    held: int  # disagree with our ledger: a person decides
 
 
 def event_backlog() -> Backlog:
@@ -208,6 +230,7 @@ def event_backlog() -> Backlog:
         pending=pending.count(), due=due.count(),
         oldest_due_age_s=(now - oldest).total_seconds() if oldest else None,
         dead=WebhookEvent.objects.filter(status=WebhookEvent.Status.DEAD).count(),
+        held=held_event_count(),
     )
 
 

@@ -239,7 +239,9 @@ def apply_event(event: EventFacts, payout_object: dict[str, Any], *,
     )
     if not decision.apply:
         if decision.review:
-            review_request(payout.id, f"{event.stripe_event_id}: {decision.reason}")
+            review_request(payout.id, f"{event.stripe_event_id} came in the same second as "
+                                      f"{payout.last_event_id}, with the same status: which "
+                                      "is Stripe's newest cannot be told")
         return ProcessingOutcome(Outcome.SKIPPED, decision.reason, payout.id)
 
     settled = new_status != payout.status

@@ -68,7 +68,7 @@ def test_support_filters_searches_and_pages_payouts_without_full_page_loads(demo
     login(page, "support")
     page.locator("nav.main-nav").get_by_role("link", name="Payouts", exact=True).click()
     expect(page).to_have_url(re.compile(r"/payouts/$"))
-    expect(page.locator("#results .count")).to_have_text("48 payouts")
+    expect(page.locator("#results .count")).to_have_text("49 payouts")
     mark_document(page)
     badges = page.locator("#payouts-table tbody .badge")
 
@@ -93,21 +93,21 @@ def test_support_filters_searches_and_pages_payouts_without_full_page_loads(demo
     expect(badges).to_have_text(["failed"] * matching)
     assert_same_document(page)
 
-    # Unfiltered, 48 payouts make two pages of 25; the pager is htmx too (hx-boost).
+    # Unfiltered, 49 payouts (one a reversal) make two pages of 25; the pager is htmx too.
     page.goto("/payouts/")
-    expect(page.locator("#results .count")).to_have_text("48 payouts")
+    expect(page.locator("#results .count")).to_have_text("49 payouts")
     expect(page.locator("#payouts-table tbody tr")).to_have_count(25)
     mark_document(page)
     pager = page.locator("#results .pagination")
     pager.get_by_role("link", name=re.compile(r"next", re.IGNORECASE)).click()
     expect(page).to_have_url(re.compile(r"[?&]page=2(&|$)"))
-    expect(page.locator("#payouts-table tbody tr")).to_have_count(48 - 25)
+    expect(page.locator("#payouts-table tbody tr")).to_have_count(49 - 25)
     assert_same_document(page)
 
     # The pushed address is a real one: loading it shows the same page.
     page.reload()
     expect(page).to_have_url(re.compile(r"[?&]page=2(&|$)"))
-    expect(page.locator("#payouts-table tbody tr")).to_have_count(48 - 25)
+    expect(page.locator("#payouts-table tbody tr")).to_have_count(49 - 25)
 
 
 # --- replay ---------------------------------------------------------------------------------

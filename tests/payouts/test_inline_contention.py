@@ -18,7 +18,8 @@ def test_a_locked_payout_is_answered_at_once_and_left_to_the_workers(inline_serv
     holder.run("SELECT id FROM payouts_payout WHERE id = %s FOR UPDATE", [payout.pk])
     try:
         event = stripe_events.payout_event(
-            "payout.paid", stripe_events.payout_object(payout.stripe_payout_id, status="paid"),
+            "payout.paid", stripe_events.payout_object(payout.stripe_payout_id,
+                                                       amount=payout.amount, status="paid"),
             account=payout.seller.stripe_account_id)
         answer = deliver(inline_server.url, event)  # returns with the lock still held
         assert answer.status == 200

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
+from django.db.models import F
 from django.utils import timezone
 
 from payouts import stripe_events
@@ -217,10 +218,20 @@ def test_fake_failures_and_holds(fake: FakeStripe) -> None:
     assert call(fake, "/v1/payouts", {"amount": 1, "currency": "usd"}, key="p2",
                 account="acct_2")[0] == 200
 
-    fake.fail_next("/v1/transfers", status=500)  # transient: nothing kept for the key
+    fake.fail_next("/v1/transfers", status=500)  # the endpoint failed: its 500 is kept
     assert call(fake, "/v1/transfers", TRANSFER, key="t")[0] == 500
+    status, headers, replayed = call(fake, "/v1/transfers", TRANSFER, key="t")
+    assert status == 500 and headers["Idempotent-Replayed"] == "true"
+    assert "injected transient error" in replayed["error"]["message"]
+    fake.advance(24 * 3600 - 60)  # still kept a minute before 24 h
+    assert call(fake, "/v1/transfers", TRANSFER, key="t")[0] == 500
+    fake.advance(60)  # then forgotten: the same key makes a new request
     assert call(fake, "/v1/transfers", TRANSFER, key="t")[0] == 200
     assert len(fake.transfers) == 1
+    fake.fail_next("/v1/transfers", status=429)  # refused before it started: nothing kept
+    assert call(fake, "/v1/transfers", TRANSFER, key="t429")[0] == 429
+    assert call(fake, "/v1/transfers", TRANSFER, key="t429")[0] == 200
+    assert len(fake.transfers) == 2
 
     answers: list[int] = []
     for when in ("before", "after"):
@@ -238,7 +249,7 @@ def test_fake_failures_and_holds(fake: FakeStripe) -> None:
         assert held.status == 200 and len(fake.transfers) == made + 1
         caller.join(timeout=10)
         assert not caller.is_alive()
-    assert answers == [200, 200] and len(fake.transfers) == 3
+    assert answers == [200, 200] and len(fake.transfers) == 4
 
 
 # --- create_payouts end to end --------------------------------------------------------
@@ -390,22 +401,22 @@ def test_final_stripe_error_releases_then_a_new_payout_pays(fake: FakeStripe,
     assert failed.status == Payout.Status.FAILED  # history stays
 
 
-@pytest.mark.parametrize("status", [500, 429])
-def test_transient_error_leaves_the_payout_resumable(fake: FakeStripe, env: dict[str, str],
-                                                     status: int) -> None:
-    """One transient error on the payout: the contract's client does not retry
-    (max_network_retries=0), so the run ends with the payout reserved; the next one
-    finishes it with the same keys."""
+def test_a_429_leaves_the_payout_resumable_with_the_same_keys(fake: FakeStripe,
+                                                              env: dict[str, str]) -> None:
+    """A 429 on the payout (refused before it started, nothing kept): the contract's client
+    does not retry (max_network_retries=0), so the run ends with the payout reserved; the
+    next one finishes it with the same keys."""
     seller, txns = seller_owed()
-    fake.fail_next("/v1/payouts", status=status)
+    fake.fail_next("/v1/payouts", status=429)
     first = run(env)
     attempts = len(posts(fake, "/v1/payouts"))
     assert first.returncode != 0, (
-        f"exit 0 although /v1/payouts answered {status}: the client sent it {attempts} "
+        f"exit 0 although /v1/payouts answered 429: the client sent it {attempts} "
         f"time(s) in one run (contract: max_network_retries=0)\n{first.stdout}")
     payout = Payout.objects.get(seller=seller)
     assert payout.creation_state == Payout.Creation.RESERVED
     assert payout.status == Payout.Status.PENDING and payout.stripe_payout_id is None
+    assert payout.submitted_at is not None
     assert len(fake.transfers) == len(txns) and not fake.payouts
     first_keys = [r.idempotency_key for r in fake.requests if r.method == "POST"]
     seen = len(fake.requests)
@@ -416,6 +427,162 @@ def test_transient_error_leaves_the_payout_resumable(fake: FakeStripe, env: dict
     assert [r.idempotency_key for r in rerun] == first_keys  # the same keys, in order
     assert all(r.replayed for r in rerun[:-1]) and not rerun[-1].replayed
     no_key_twice_with_different_answers(fake)
+
+
+def age(payout: Payout, fake: FakeStripe, hours: float) -> None:
+    """Let ``hours`` pass, for us (the payout was submitted that much earlier) and Stripe."""
+    Payout.objects.filter(pk=payout.pk).update(
+        submitted_at=F("submitted_at") - timedelta(hours=hours))
+    fake.advance(hours * 3600)
+
+
+def test_a_saved_500_is_replayed_until_the_key_is_forgotten_then_looked_up_and_paid_once(
+        fake: FakeStripe, env: dict[str, str]) -> None:
+    """Stripe keeps a 500 for its key and replays it: resumes within 24 h end where the
+    first did. Past 23 h the resume looks up what Stripe made first (the transfers, no
+    payout), records it, and sends only the payout: made once, once the key is gone."""
+    seller, txns = seller_owed()
+    fake.fail_next("/v1/payouts", status=500)
+    assert run(env).returncode != 0
+    payout = Payout.objects.get(seller=seller)
+    for _ in range(2):  # within 24 h: the same 500 again, nothing made
+        assert run(env).returncode != 0
+    replays = [r for r in posts(fake, "/v1/payouts") if r.replayed]
+    assert len(replays) == 2 and all(r.status == 500 for r in replays)
+    assert not fake.payouts and not fake.seen("GET")
+    payout.refresh_from_db()
+    assert payout.creation_state == Payout.Creation.RESERVED
+
+    age(payout, fake, 25)
+    seen = len(fake.requests)
+    ok(run(env))
+
+    assert paid_once(fake, seller, txns).pk == payout.pk
+    rerun = fake.requests[seen:]
+    assert [(r.method, r.path) for r in rerun] == [
+        ("GET", "/v1/transfers"), ("GET", "/v1/payouts"), ("POST", "/v1/payouts")], rerun
+    assert rerun[0].params["transfer_group"] == payout.reference
+    assert rerun[1].account == seller.stripe_account_id
+    assert not rerun[2].replayed  # the key was forgotten: a new request, made once
+
+
+def test_a_resume_past_23_hours_records_what_stripe_made_and_sends_nothing(
+        fake: FakeStripe, env: dict[str, str]) -> None:
+    """A crash after Stripe made the transfers and the payout, resumed 30 h later when
+    Stripe may have forgotten the keys: sending them blind could pay twice. The resume
+    finds both at Stripe, records them, and sends no write at all."""
+    seller, txns = seller_owed()
+    fake.hold("/v1/payouts", when="after")
+    crashed = start(env)
+    fake.wait_held(timeout=RUN_S)
+    kill(crashed)
+    fake.release()
+    payout = Payout.objects.get(seller=seller)
+    assert payout.creation_state == Payout.Creation.RESERVED and payout.stripe_payout_id is None
+    age(payout, fake, 30)
+    seen = len(fake.requests)
+
+    ok(run(env))
+
+    assert paid_once(fake, seller, txns).pk == payout.pk
+    assert [r.method for r in fake.requests[seen:]] == ["GET", "GET"]
+
+
+def test_a_payout_failed_before_phase_3_makes_no_new_transfers(
+        fake: FakeStripe, env: dict[str, str], inline_server: Server) -> None:
+    """Stripe made the transfers and the payout, and its payout.failed arrived before we
+    recorded their ids (the run died). The webhook released the transactions; the next
+    run must reuse the transfers standing on the seller's balance, not make new ones."""
+    seller, txns = seller_owed()
+    fake.hold("/v1/payouts", when="after")
+    crashed = start(env)
+    held = fake.wait_held(timeout=RUN_S)
+    stripe_id = held.response["id"]
+    failed = {**fake.payouts[stripe_id], "status": "failed", "failure_code": "account_closed",
+              "failure_message": "The bank account has been closed."}
+    answer = deliver(inline_server.url, stripe_events.payout_event(
+        "payout.failed", failed, account=seller.stripe_account_id))
+    assert answer.json()["status"] == "processed", answer.body
+    kill(crashed)
+    fake.release()
+    first = Payout.objects.get(seller=seller)
+    assert (first.stripe_payout_id, first.status) == (stripe_id, Payout.Status.FAILED)
+    assert first.creation_state == Payout.Creation.RESERVED
+    assert not PaymentTransaction.objects.filter(pk__in=[t.pk for t in txns], payed_out=True)
+
+    ok(run(env))
+
+    first.refresh_from_db()
+    assert first.creation_state == Payout.Creation.SUBMITTED  # resumed: ids recorded
+    assert first.status == Payout.Status.FAILED
+    second = Payout.objects.exclude(pk=first.pk).get(seller=seller)
+    assert second.creation_state == Payout.Creation.SUBMITTED
+    assert len(fake.transfers) == len(txns), "new transfers for money already transferred"
+    assert sorted(PaymentTransfer.objects.filter(payout_items__payout=second)
+                  .values_list("stripe_transfer_id", flat=True)) == sorted(fake.transfers)
+    assert len(fake.payouts) == 2 and fake.payouts[second.stripe_payout_id]["amount"] == sum(
+        t.amount for t in txns)
+    assert PaymentTransaction.objects.filter(seller=seller, payed_out=True).count() == len(txns)
+
+
+def test_no_new_payout_for_a_seller_whose_payout_is_still_reserved(
+        fake: FakeStripe, env: dict[str, str]) -> None:
+    """While a seller's payout cannot be finished, the seller gets no second one, even
+    for money released since."""
+    seller, _ = seller_owed()
+    fake.fail_next("/v1/transfers", status=429)
+    assert run(env).returncode != 0
+    reserved = Payout.objects.get(seller=seller)
+    more = PaymentTransaction.objects.create(seller=seller, amount=4200, currency="usd",
+                                             release_date=timezone.localdate())
+    fake.fail_next("/v1/transfers", status=429)
+
+    again = run(env)
+
+    assert again.returncode != 0
+    assert f"has payout {reserved.reference} still reserved" in again.stderr
+    assert list(Payout.objects.filter(seller=seller)) == [reserved]
+    assert not PaymentTransaction.objects.get(pk=more.pk).payed_out
+    dry = ok(run(env, "--dry-run"))
+    assert f"would resume {reserved.reference}" in dry.stdout
+    assert "until its reserved payout is finished" in dry.stdout
+
+    ok(run(env))  # resumed, then the new money in a second payout
+    assert Payout.objects.filter(seller=seller, creation_state="submitted").count() == 2
+
+
+def test_a_release_refuses_when_stripe_has_the_payout(
+        fake: FakeStripe, env: dict[str, str], inline_server: Server) -> None:
+    """Stripe refuses the payout request, but a payout carrying our reference was linked
+    and paid by its webhook meanwhile: releasing the transactions would pay them twice.
+    Nothing is reversed or released, and the payout is marked for review."""
+    seller, txns = seller_owed()
+    fake.hold("/v1/payouts", when="before")
+    running = start(env)
+    try:
+        held = fake.wait_held(timeout=RUN_S)
+        reference = held.params[METADATA]
+        ours = Payout.objects.get(reference=reference)
+        made = stripe_events.payout_object(stripe_events.new_id("po"), status="paid",
+                                           amount=ours.amount, metadata={
+                                               "payout_console_payout": reference})
+        answer = deliver(inline_server.url, stripe_events.payout_event(
+            "payout.paid", made, account=seller.stripe_account_id))
+        assert answer.json()["status"] == "processed", answer.body
+        fake.fail_payouts_for(seller.stripe_account_id)
+    finally:
+        fake.release()
+    result = finish(running)
+
+    assert result.returncode != 0
+    assert "its money was not released" in result.stderr, result.stderr
+    payout = Payout.objects.get(reference=reference)
+    assert payout.status == Payout.Status.PAID and payout.stripe_payout_id == made["id"]
+    assert payout.creation_state == Payout.Creation.RESERVED
+    assert "Stripe refused a request for it" in payout.review_reason
+    assert not fake.reversals
+    assert PaymentTransaction.objects.filter(pk__in=[t.pk for t in txns],
+                                             payed_out=True).count() == len(txns)
 
 
 def test_unreachable_stripe_leaves_the_payout_resumable(

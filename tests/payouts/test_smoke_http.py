@@ -10,8 +10,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def test_a_signed_failed_event_is_stored_and_applied_inline(inline_server):
     payout = make_payout(status="paid")
-    obj = stripe_events.payout_object(payout.stripe_payout_id, status="failed",
-                                      **stripe_events.failed_payout_defaults())
+    obj = stripe_events.payout_object(payout.stripe_payout_id, amount=payout.amount,
+                                      status="failed", **stripe_events.failed_payout_defaults())
     event = stripe_events.payout_event("payout.failed", obj,
                                        account=payout.seller.stripe_account_id)
     answer = deliver(inline_server.url, event)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from tests.payouts.helpers import (
     Answer,
     Server,
     deliver,
+    payout_event,
     post,
     run_worker,
     server_env,
@@ -58,9 +60,9 @@ def _now() -> int:
 
 
 def _event(payout_id: str, event_type: str = "payout.paid", **changes: Any) -> dict[str, Any]:
-    """A realistic payout event for ``payout_id``; ``changes`` replace (or DROP) top-level keys."""
-    obj = stripe_events.payout_object(payout_id, status=stripe_events.TYPICAL_STATUS[event_type])
-    event = stripe_events.payout_event(event_type, obj)
+    """A realistic payout event for ``payout_id`` (agreeing with our payout, if we know it);
+    ``changes`` replace (or DROP) top-level keys."""
+    event = payout_event(event_type, payout_id, created=_now())
     for key, value in changes.items():
         if value is DROP:
             event.pop(key, None)
@@ -125,8 +127,8 @@ def _payout_state(payout: Payout) -> tuple[Any, ...]:
 
 
 def _paid_to_failed(payout: Payout) -> dict[str, Any]:
-    obj = stripe_events.payout_object(payout.stripe_payout_id, status="failed",
-                                      **stripe_events.failed_payout_defaults())
+    obj = stripe_events.payout_object(payout.stripe_payout_id, amount=payout.amount,
+                                      status="failed", **stripe_events.failed_payout_defaults())
     return stripe_events.payout_event("payout.failed", obj,
                                       account=payout.seller.stripe_account_id)
 
@@ -138,7 +140,7 @@ def test_a_new_signed_event_is_stored_byte_for_byte_and_applied(inline_server):
     """A valid new event is answered 200 and stored exactly as sent, with its fields."""
     payout = make_payout(status="in_transit")
     created = _now() - 3600  # not the time of receipt: stripe_created must come from the body
-    obj = stripe_events.payout_object(payout.stripe_payout_id, status="paid",
+    obj = stripe_events.payout_object(payout.stripe_payout_id, amount=payout.amount, status="paid",
                                       metadata={"note": "café ☕", "ключ": "значение 🚀"})
     event = stripe_events.payout_event("payout.paid", obj, created=created,
                                        account=payout.seller.stripe_account_id)
@@ -252,7 +254,9 @@ def _other_body(payout_id: str) -> Delivery:
 
 def _tampered(payout_id: str) -> Delivery:
     method, body, headers = _shape(payout_id)
-    return method, body.replace(b'"amount": 1100', b'"amount": 9100', 1), headers
+    tampered = re.sub(rb'"amount": \d+', b'"amount": 9100', body, count=1)
+    assert tampered != body
+    return method, tampered, headers
 
 
 def _invalid_utf8(_: str) -> Delivery:

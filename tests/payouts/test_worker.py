@@ -201,6 +201,7 @@ def payout_history(payout: Payout, rng: random.Random, start: int, *, updates: i
     for event_type, status in steps:
         extra = stripe_events.failed_payout_defaults() if status == "failed" else {}
         obj = stripe_events.payout_object(po_id, status=status, created=start,
+                                          amount=payout.amount,
                                           metadata={"step": str(created)}, **extra)
         history.events.append(stripe_events.payout_event(event_type, obj, account=account,
                                                          created=created))
@@ -369,8 +370,8 @@ def test_inline_load_with_duplicates_out_of_order(inline_server, worker_env):
 
 
 def failed_event_for(payout: Payout) -> dict[str, Any]:
-    obj = stripe_events.payout_object(str(payout.stripe_payout_id), status="failed",
-                                      **stripe_events.failed_payout_defaults())
+    obj = stripe_events.payout_object(str(payout.stripe_payout_id), amount=payout.amount,
+                                      status="failed", **stripe_events.failed_payout_defaults())
     return stripe_events.payout_event("payout.failed", obj,
                                       account=payout.seller.stripe_account_id)
 
@@ -441,17 +442,20 @@ def test_worker_killed_mid_transaction_loses_nothing(deferred_server, worker_env
     assert Payout.objects.values().get(pk=payout.pk) == created_state, "payout row unchanged"
     assert WebhookEvent.objects.get(stripe_event_id=event["id"]).attempts == 1
 
-    # Its lease must run out before anyone takes the event again.
+    # Its lease must run out before anyone takes the event again; then the abandoned
+    # attempt is on its timeline, and the retry applies it.
     def processed_by_another() -> bool:
         once(worker_env)
-        return WebhookEvent.objects.get(stripe_event_id=event["id"]).status != "received"
+        return WebhookEvent.objects.get(stripe_event_id=event["id"]).status == "processed"
 
     wait_until(processed_by_another, "a later worker to take the event after its lease",
                interval=0.5)
     stored = assert_failed_once(payout, event["id"])
-    attempts = list(stored.attempts_log.all())
-    assert len(attempts) == 1, [(a.outcome, a.reason) for a in attempts]
-    assert not attempts[0].worker.endswith(f":{killed_pid}")
+    abandoned, applied = stored.attempts_log.all()
+    assert (abandoned.trigger, abandoned.outcome) == ("abandoned", "failed")
+    assert f":{killed_pid} stopped before it finished" in abandoned.error
+    assert (applied.trigger, applied.outcome) == ("worker", "applied")
+    assert not applied.worker.endswith(f":{killed_pid}")
     assert stored.attempts == 2, "one claim died with the killed worker, one applied"
 
 
@@ -518,7 +522,8 @@ def test_once_drains_what_is_due_and_exits_with_nothing_due(deferred_server, wor
     payouts = [make_payout(status="in_transit") for _ in range(5)]
     events = []
     for payout in payouts:
-        obj = stripe_events.payout_object(str(payout.stripe_payout_id), status="paid")
+        obj = stripe_events.payout_object(str(payout.stripe_payout_id), amount=payout.amount,
+                                          status="paid")
         events.append(stripe_events.payout_event("payout.paid", obj,
                                                  account=payout.seller.stripe_account_id))
     later = make_payout(status="in_transit")
@@ -587,11 +592,12 @@ def test_many_once_workers_never_double_apply(deferred_server, worker_env):
 
 
 def test_an_event_that_keeps_failing_ends_dead(deferred_server, worker_env):
-    """payout.paid for an unknown payout, WEBHOOK_MAX_ATTEMPTS=3: retried later, then dead."""
+    """payout.paid for an unknown payout, WEBHOOK_MAX_ATTEMPTS=3 and a horizon already
+    passed: retried later, then dead."""
     obj = stripe_events.payout_object(f"po_unknown{uuid.uuid4().hex[:12]}", status="paid")
     event = stripe_events.payout_event("payout.paid", obj)
     assert deliver(deferred_server.url, event).status == 200
-    env = {**worker_env, "WEBHOOK_MAX_ATTEMPTS": "3"}
+    env = {**worker_env, "WEBHOOK_MAX_ATTEMPTS": "3", "WEBHOOK_RETRY_HORIZON_HOURS": "0"}
 
     seen: list[tuple[int, str, datetime | None]] = []
 
@@ -639,7 +645,8 @@ def test_busy_postponements_never_bury_an_event(deferred_server, worker_env, ses
     holder = session("read committed", name="touch-0")
     holder.run(touch, [payout.pk])
     name = unique_name("busy")
-    worker = RunningWorker(named_env(worker_env, name, WEBHOOK_MAX_ATTEMPTS="2"))
+    worker = RunningWorker(named_env(worker_env, name, WEBHOOK_MAX_ATTEMPTS="2",
+                                     WEBHOOK_RETRY_HORIZON_HOURS="0"))
     try:
         for n in range(1, 9):
             wait_until(lambda pid=holder.pid: backends_blocked_by(pid, name),
@@ -652,7 +659,7 @@ def test_busy_postponements_never_bury_an_event(deferred_server, worker_env, ses
             holder.commit()
             holder = successor
         wait_until(lambda: WebhookEvent.objects.get(stripe_event_id=event["id"]).status
-                   in WebhookEvent.FINAL, "the event to reach a final status")
+                   not in WebhookEvent.PENDING, "the event to settle")
         assert worker.process.poll() is None, "the worker never stopped"
         assert worker.stop() == 0, worker.stderr[-3000:]
     finally:

@@ -4,7 +4,9 @@ Sellers with released transactions, payouts created the way `create_payouts`
 creates them, then their Stripe events recorded and processed like deliveries:
 payouts end up in every status, with timelines, attempts and transaction logs.
 A few events fail for real (unknown payout) or are made to look like a past
-failure (so staff can replay them), and one is dead.
+failure (so staff can replay them), and one is dead. The ledger's rules show too:
+events held because they disagree with our payout, a paid payout reversed, and
+two events in the same second that mark a payout for reconciliation.
 """
 
 from datetime import UTC, date, datetime, time, timedelta
@@ -188,7 +190,8 @@ class Command(BaseCommand):
                                            created=self._ts(4), event_id="evt_1DemoDeadFailed01")
         if self._deliver(event, process=False):
             WebhookEvent.objects.filter(stripe_event_id=event["id"]).update(
-                attempts=settings.WEBHOOK_MAX_ATTEMPTS)
+                attempts=settings.WEBHOOK_MAX_ATTEMPTS,
+                received_at=timezone.now() - timedelta(days=4))
             event_process(event_id=WebhookEvent.objects.get(stripe_event_id=event["id"]).pk,
                           trigger=WebhookEventAttempt.Trigger.WORKER, worker="seed_demo")
             count += 1
@@ -198,6 +201,61 @@ class Command(BaseCommand):
             "payout.reconciliation_completed", obj, account=SELLERS[0][1],
             created=self._ts(30), event_id="evt_1DemoReconciled01"))
         count += self._past_failure()
+        count += self._ledger_rules()
+        return count
+
+    def _demo_payout(self, s: int, p: int) -> Payout:
+        return Payout.objects.get(stripe_payout_id__startswith=f"po_1Demo{s:02d}{p:02d}")
+
+    def _ledger_rules(self) -> int:
+        """Held events, a reversal and a same-second tie, as Stripe would deliver them."""
+        count = 0
+        # Seller B's failed payout names seller A's payout: held, A's money stays put.
+        paid = self._demo_payout(0, 2)
+        obj = stripe_events.payout_object(
+            paid.stripe_payout_id, status="failed", amount=paid.amount, created=self._ts(12),
+            **stripe_events.failed_payout_defaults())
+        count += self._deliver(stripe_events.payout_event(
+            "payout.failed", obj, account=SELLERS[1][1], created=self._ts(0.3),
+            event_id="evt_1DemoHeldAccount01"))
+        # A payout.paid for another amount and currency: held.
+        in_transit = self._demo_payout(3, 4)
+        obj = stripe_events.payout_object(in_transit.stripe_payout_id, status="paid",
+                                          amount=in_transit.amount + 5000, currency="eur",
+                                          created=self._ts(6))
+        count += self._deliver(stripe_events.payout_event(
+            "payout.paid", obj, account=SELLERS[3][1], created=self._ts(0.25),
+            event_id="evt_1DemoHeldAmount01"))
+        # A paid payout reversed, in Stripe's order: the original's payout.updated with
+        # reversed_by, then the reversal's created, updated, paid.
+        original = self._demo_payout(4, 1)
+        reversal_id = f"po_1DemoReversal{original.stripe_payout_id[-8:]}"
+        account = SELLERS[4][1]
+        updated = stripe_events.payout_object(
+            original.stripe_payout_id, status="paid", amount=original.amount,
+            created=self._ts(26), metadata=original.metadata, reversed_by=reversal_id)
+        count += self._deliver(stripe_events.payout_event(
+            "payout.updated", updated, account=account, created=self._ts(2),
+            event_id="evt_1DemoReversal00", previous_attributes={"reversed_by": None}))
+        for n, (event_type, status) in enumerate([("payout.created", "pending"),
+                                                  ("payout.updated", "in_transit"),
+                                                  ("payout.paid", "paid")], start=1):
+            obj = stripe_events.payout_object(reversal_id, status=status,
+                                              amount=-original.amount, created=self._ts(2),
+                                              original_payout=original.stripe_payout_id)
+            count += self._deliver(stripe_events.payout_event(
+                event_type, obj, account=account, created=self._ts(2) + n * 3600,
+                event_id=f"evt_1DemoReversal{n:02d}"))
+        # payout.paid and a payout.updated saying paid in the same second: which is newer
+        # cannot be told, so the second changes nothing and the payout is to be reconciled.
+        tie = self._demo_payout(5, 2)
+        assert tie.last_event_created is not None, "its payout.paid was applied above"
+        obj = stripe_events.payout_object(tie.stripe_payout_id, status="paid", amount=tie.amount,
+                                          created=self._ts(12), metadata=tie.metadata)
+        count += self._deliver(stripe_events.payout_event(
+            "payout.updated", obj, account=SELLERS[5][1],
+            created=int(tie.last_event_created.timestamp()),
+            event_id="evt_1DemoSameSecond01", previous_attributes={"status": "in_transit"}))
         return count
 
     def _past_failure(self) -> int:
