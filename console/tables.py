@@ -5,6 +5,7 @@ from typing import Any
 import django_tables2 as tables
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from payouts.models import Payout, TransactionLog, WebhookEvent
 
@@ -27,7 +28,7 @@ def payout_status(payout: Payout) -> str:
         parts.append(format_html('<span class="badge badge-reversed" title="reversed by {}">'
                                  'reversed</span>', payout.reversed_by))
     if payout.original_payout_id:
-        parts.append(format_html('<span class="badge badge-reversal">reversal</span>'))
+        parts.append(mark_safe('<span class="badge badge-reversal">reversal</span>'))  # noqa: S308
     if payout.review_reason:
         parts.append(format_html('<span class="badge badge-review" title="{}">to review</span>',
                                  payout.review_reason))

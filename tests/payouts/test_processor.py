@@ -430,10 +430,12 @@ def test_deleting_an_event_deletes_its_attempts():
     assert not WebhookEventAttempt.objects.filter(event_id=row.pk).exists()
 
 
-def test_the_failed_reset_is_one_update_statement_for_fifty_transactions():
-    """paid → failed resets all 50 transactions with ONE UPDATE, not one per transaction."""
-    payout = make_payout(status="paid", transactions=50)
-    event = failed_evt(payout.stripe_payout_id, at=10)
+@pytest.mark.parametrize("status", ["failed", "canceled"])
+def test_the_release_is_one_update_statement_for_fifty_transactions(status):
+    """paid → failed (or canceled: the money comes back just the same) resets all 50
+    transactions with ONE UPDATE, not one per transaction, in the status's statement."""
+    payout = make_payout(status="paid" if status == "failed" else "in_transit", transactions=50)
+    event = payout_evt(f"payout.{status}", payout.stripe_payout_id, status, at=10)
     row = store(event)
 
     with CaptureQueriesContext(connection) as queries:
