@@ -28,7 +28,7 @@ def payout_status(payout: Payout) -> str:
         parts.append(format_html('<span class="badge badge-reversed" title="reversed by {}">'
                                  'reversed</span>', payout.reversed_by))
     if payout.original_payout_id:
-        parts.append(mark_safe('<span class="badge badge-reversal">reversal</span>'))  # noqa: S308
+        parts.append(mark_safe('<span class="badge badge-reversal">reversal</span>'))
     if payout.review_reason:
         parts.append(format_html('<span class="badge badge-review" title="{}">to review</span>',
                                  payout.review_reason))

@@ -7,6 +7,7 @@ write, are tested in test_console_replay.py.
 
 import io
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Group, User
@@ -193,3 +194,54 @@ def test_bad_filter_values_are_named_and_ignored(demo):
                 "/transactions/?min_duration_ms=abc&window=zz"]:
         assert client.get(url).status_code == 200
     assert client.get(reverse("payout-detail", args=[10**9])).status_code == 404
+
+
+# --- the ledger's rules, as staff see them ---------------------------------------------
+
+
+def test_held_events_are_a_filter_and_a_number(demo):
+    client = client_for("Support")
+    held = client.get(reverse("event-list"), {"status": "held"})
+    ids = {row.record.stripe_event_id for row in held.context["table"].paginated_rows}
+    assert ids == {"evt_1DemoHeldAccount01", "evt_1DemoHeldAmount01"}
+    assert "2 held for a decision" in held.content.decode()
+    health = client_for("Managers").get(reverse("health"))
+    assert health.context["backlog"].held == 2
+    assert '<a href="/events/?status=held">2 held</a>' in health.content.decode()
+
+
+def test_a_held_event_shows_why_and_how_to_dismiss_it(demo):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoHeldAccount01")
+    page = client_for("Support").get(reverse("event-detail", args=[event.pk])).content.decode()
+    assert "Held: this event disagrees with our ledger" in page
+    assert ("account is acct_1DemoBlueHeron0000 in the event, acct_1DemoAtelierNord00 on our "
+            "payout") in page
+    assert reverse("event-dismiss", args=[event.pk]) in page
+    manager = client_for("Managers").get(reverse("event-detail", args=[event.pk]))
+    assert reverse("event-dismiss", args=[event.pk]) not in manager.content.decode()
+
+
+def test_a_waiting_event_says_when_it_gives_up(demo, settings):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoUnknownPaid01")
+    assert event.status == "failed"
+    client = client_for("Support")
+    page = client.get(reverse("event-detail", args=[event.pk])).content.decode()
+    gives_up = event.received_at + timedelta(hours=settings.WEBHOOK_RETRY_HORIZON_HOURS)
+    assert f"not before {gives_up:%Y-%m-%d %H:%M} UTC" in page
+    processed = WebhookEvent.objects.filter(status="processed").first()
+    assert processed is not None
+    assert "Gives up" not in client.get(
+        reverse("event-detail", args=[processed.pk])).content.decode()
+
+
+def test_payouts_to_review_and_reversed_payouts_are_filters(demo):
+    client = client_for("Support")
+    review = client.get(reverse("payout-list"), {"flag": "review"})
+    assert [row.record.stripe_payout_id for row in review.context["table"].paginated_rows] == [
+        Payout.objects.get(review_reason__contains="same second").stripe_payout_id]
+    reversed_ = client.get(reverse("payout-list"), {"flag": "reversed"})
+    [row] = reversed_.context["table"].paginated_rows
+    assert row.record.is_reversed
+    assert "badge-reversed" in reversed_.content.decode()
+    health = client_for("Managers").get(reverse("health")).content.decode()
+    assert "1 payout to review" in health

@@ -128,3 +128,26 @@ def test_bulk_replay_ignores_ids_that_are_not_events(demo):
                                           {"event_ids": ["abc", "-1", "99999999"]}, follow=True)
     assert response.status_code == 200
     assert b"Replayed 0 event(s): nothing selected" in response.content
+
+
+def test_support_dismisses_a_held_event_with_a_reason(demo):
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoHeldAmount01")
+    url = reverse("event-dismiss", args=[event.pk])
+    assert client_for("Managers").post(url, {"reason": "no"}).status_code == 403
+    support = client_for("Support")
+
+    empty = support.post(url, {"reason": "  "}, follow=True)
+    assert "Say why the event is dismissed." in empty.content.decode()
+    event.refresh_from_db()
+    assert event.status == "held"
+
+    done = support.post(url, {"reason": "Confirmed with Stripe: not ours"}, follow=True)
+    assert done.redirect_chain == [(reverse("event-detail", args=[event.pk]), 303)]
+    assert "dismissed: it stays on record as skipped" in done.content.decode()
+    event.refresh_from_db()
+    assert event.status == "skipped"
+    assert event.status_reason == "dismissed by user-Support: Confirmed with Stripe: not ours"
+    attempt = event.attempts_log.get(trigger="dismiss")
+    assert attempt.requested_by.username == "user-Support"
+    again = support.post(url, {"reason": "twice"}, follow=True)
+    assert "is skipped, not held" in again.content.decode()
