@@ -5,9 +5,20 @@ import pytest
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from tests.dbsessions import Session
 from tests.payouts.helpers import Server, server_env
+
+# Property tests: the same examples on every run (CI must not fail by luck), no example
+# database in the checkout; HYPOTHESIS_PROFILE=explore searches wider and at random.
+_PROPERTY = {"deadline": None, "database": None,
+             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture]}
+hypothesis_settings.register_profile("default", max_examples=40, derandomize=True, **_PROPERTY)
+hypothesis_settings.register_profile("explore", max_examples=400, **_PROPERTY)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
