@@ -109,14 +109,41 @@ class Payouts:
     last: int
     items: int  # transactions (= transfers = items) per payout
     first_line: int  # the first transaction / transfer / item id
+    sellers: tuple[int, int]  # the sellers' id range, as in ``load_payouts``
 
     @property
     def count(self) -> int:
         return self.last - self.first + 1
 
+    def account_of(self, pid: int) -> str:
+        """The connected account of payout ``pid``'s seller (``ensure_sellers``' ids); the
+        Python twin of ``seller_sql``."""
+        low, high = self.sellers
+        return f"acct_B{low + pid % (high - low + 1)}"
+
+    def amount_of(self, pid: int) -> int:
+        """The Python twin of ``amount_sql``."""
+        return self.items * (1000 + pid % 5000)
+
+    def event(self, event_id: str, event_type: str, pid: int, created: int) -> list[Any]:
+        """A load plan row for payout ``pid``: its event agrees with the ledger (account,
+        amount, currency), as Stripe's do; see ``bench.load``."""
+        return [event_id, event_type, payout_id(pid), created, self.account_of(pid),
+                self.amount_of(pid)]
+
     def lines_of(self, payout_id: int) -> range:
         start = self.first_line + (payout_id - self.first) * self.items
         return range(start, start + self.items)
+
+
+def seller_sql(sellers: tuple[int, int], pid: str) -> str:
+    """The seller id of bench payout ``pid`` (an SQL expression)."""
+    return f"{sellers[0]} + mod({pid}, {sellers[1] - sellers[0] + 1})"
+
+
+def amount_sql(items: int, pid: str) -> str:
+    """The amount of bench payout ``pid`` (an SQL expression): its transactions' sum."""
+    return f"{items} * (1000 + mod({pid}, 5000))"
 
 
 def load_payouts(cur: Any, count: int, *, items: int, sellers: tuple[int, int],
@@ -139,7 +166,6 @@ def load_payouts(cur: Any, count: int, *, items: int, sellers: tuple[int, int],
     if first_line is None:
         first_line = max(next_id(cur, TXN), next_id(cur, TRANSFER), next_id(cur, ITEM))
     last = first + count - 1
-    n_sellers = sellers[1] - sellers[0] + 1
     status_expr = status_sql or f"'{status}'"
     created = (f"now() - interval '{age_days} days' "
                f"- ((g - {first}) * interval '{spread_days * 86400 / max(count, 1)} seconds')")
@@ -159,9 +185,9 @@ def load_payouts(cur: Any, count: int, *, items: int, sellers: tuple[int, int],
     def payouts_job(c: Any) -> None:
         insert_select(c, PAYOUT, {
             "id": "p.id",
-            "seller_id": f"{sellers[0]} + mod(p.id, {n_sellers})",
+            "seller_id": seller_sql(sellers, "p.id"),
             "stripe_payout_id": payout_id_sql("p.id"),
-            "amount": f"{items} * (1000 + mod(p.id, 5000))",
+            "amount": amount_sql(items, "p.id"),
             "currency": "'usd'",
             "status": "p.status",
             "arrival_date": "p.created + interval '2 days'",
@@ -183,7 +209,7 @@ def load_payouts(cur: Any, count: int, *, items: int, sellers: tuple[int, int],
     def transactions_job(c: Any) -> None:
         insert_select(c, TXN, {
             "id": "x.id",
-            "seller_id": f"{sellers[0]} + mod(x.payout_id, {n_sellers})",
+            "seller_id": seller_sql(sellers, "x.payout_id"),
             "amount": "1000 + mod(x.payout_id, 5000)",
             "currency": "'usd'",
             "release_date": "(x.created - interval '3 days')::date",
@@ -215,20 +241,20 @@ def load_payouts(cur: Any, count: int, *, items: int, sellers: tuple[int, int],
             job(cur)
     cur.execute(f"DROP TABLE {stage}")
     sync_sequences(cur)
-    return Payouts(first, last, items, first_line)
+    return Payouts(first, last, items, first_line, sellers)
 
 
 # --- events ---------------------------------------------------------------------------
 
 _PO, _EVT, _ACCT = "po_PLACEHOLDER", "evt_PLACEHOLDER", "acct_PLACEHOLDER"
-_CREATED, _ARRIVAL = 1111111111, 1222222222
+_CREATED, _ARRIVAL, _AMOUNT = 1111111111, 1222222222, 987654321
 
 
 def body_template(event_type: str) -> str:
     """A Stripe event body (as Stripe sends it) with placeholders for SQL ``replace``."""
     status = stripe_events.TYPICAL_STATUS[event_type]
     extra = stripe_events.failed_payout_defaults() if status == "failed" else {}
-    obj = stripe_events.payout_object(_PO, status=status, created=_CREATED,
+    obj = stripe_events.payout_object(_PO, status=status, created=_CREATED, amount=_AMOUNT,
                                       arrival_date=_ARRIVAL, **extra)
     event = stripe_events.payout_event(event_type, obj, account=_ACCT, created=_CREATED,
                                        event_id=_EVT)
@@ -255,18 +281,21 @@ def load_events(cur: Any, *, payouts: Payouts, event_type: str, status: str,
                   FROM generate_series(%s, %s) AS e) AS x"""
     status_expr = status_sql or f"'{status}'"
     pending = f"({status_expr}) IN ('received', 'failed')"
+    # The events agree with their payouts (account, amount), as Stripe's do.
+    account = f"'acct_B' || ({seller_sql(payouts.sellers, 'x.payout_id')})"
     insert_select(cur, EVENT, {
         "id": "x.id",
         "stripe_event_id": f"'{id_prefix}' || x.id",
         "type": f"'{event_type}'",
-        "account": "''",
+        "account": account,
         "livemode": "false",
         "api_version": f"'{stripe_events.API_VERSION}'",
         "stripe_created": f"to_timestamp(floor(extract(epoch FROM {received})))",
         "stripe_object_id": payout_id_sql("x.payout_id"),
-        "raw_body": f"""convert_to(replace(replace(replace(replace(replace(%s,
+        "raw_body": f"""convert_to(replace(replace(replace(replace(replace(replace(%s,
                         '{_PO}', {payout_id_sql("x.payout_id")}), '{_EVT}', '{id_prefix}' || x.id),
-                        '"{_ACCT}"', 'null'),
+                        '{_ACCT}', {account}),
+                        '{_AMOUNT}', ({amount_sql(payouts.items, "x.payout_id")})::text),
                         '{_CREATED}', floor(extract(epoch FROM {received}))::bigint::text),
                         '{_ARRIVAL}',
                         (floor(extract(epoch FROM {received}))::bigint + 172800)::text),

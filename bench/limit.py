@@ -53,12 +53,14 @@ def capture(cur: Any, sellers: tuple[int, int]) -> Captured:
     from payouts import stripe_events
     from payouts.services.processing import event_receive
 
-    data.load_payouts(cur, 1, items=3, sellers=sellers, age_days=2, first=CAPTURE_PAYOUT,
-                      first_line=CAPTURE_PAYOUT)
+    payouts = data.load_payouts(cur, 1, items=3, sellers=sellers, age_days=2,
+                                first=CAPTURE_PAYOUT, first_line=CAPTURE_PAYOUT)
     cur.execute(f"SELECT setval(pg_get_serial_sequence('{data.EVENT}', 'id'), %s)",
                 [CAPTURE_EVENT - 1])
-    obj = stripe_events.payout_object(data.payout_id(CAPTURE_PAYOUT), status="paid")
-    event = stripe_events.payout_event("payout.paid", obj, event_id=CAPTURE_EVENT_ID)
+    obj = stripe_events.payout_object(data.payout_id(CAPTURE_PAYOUT), status="paid",
+                                      amount=payouts.amount_of(CAPTURE_PAYOUT))
+    event = stripe_events.payout_event("payout.paid", obj, event_id=CAPTURE_EVENT_ID,
+                                       account=payouts.account_of(CAPTURE_PAYOUT))
     body = stripe_events.encode(event)
     headers = {"content-type": "application/json; charset=utf-8",
                "user-agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",

@@ -3,7 +3,7 @@
     python -m bench.load SPEC.json RESULT.json
 
 SPEC: ``port``, ``plan`` (a JSON file: a list of ``[event_id, type, payout_id,
-created, account]``, sent in that order), ``connections`` (threads, one persistent
+created, account, amount]``, sent in that order), ``connections`` (threads, one persistent
 HTTP/1.1 connection each), ``rate`` (events/s, open loop; null: closed loop, as fast
 as the server answers), ``max_seconds`` (a hard bound on the run), ``resend``
 (keep resending an event until it is acknowledged, like Stripe retries; otherwise
@@ -34,10 +34,11 @@ PATH = "/webhooks/stripe/"
 
 
 def build_body(event_id: str, event_type: str, payout_id: str, created: int,
-               account: str | None) -> bytes:
+               account: str | None, amount: int) -> bytes:
     status = stripe_events.TYPICAL_STATUS[event_type]
     extra = stripe_events.failed_payout_defaults() if status == "failed" else {}
-    obj = stripe_events.payout_object(payout_id, status=status, created=created, **extra)
+    obj = stripe_events.payout_object(payout_id, status=status, created=created, amount=amount,
+                                      **extra)
     event = stripe_events.payout_event(event_type, obj, account=account, created=created,
                                        event_id=event_id)
     return stripe_events.encode(event)

@@ -337,9 +337,9 @@ class Bench:
                     created: int | None = None) -> list[list[Any]]:
         """One event per payout: payout.failed for every ``failed_every``-th, else paid."""
         created = created or int(time.time())
-        return [[f"{prefix}{pid}",
-                 "payout.failed" if pid % failed_every == 0 else "payout.paid",
-                 data.payout_id(pid), created, None]
+        return [payouts.event(f"{prefix}{pid}",
+                              "payout.failed" if pid % failed_every == 0 else "payout.paid",
+                              pid, created)
                 for pid in range(payouts.first, payouts.last + 1)]
 
     def fresh_payouts(self, count: int, *, items: int = 3, status: str = "in_transit"
@@ -554,7 +554,7 @@ class Bench:
         for j in range(1, per_payout + 1):  # round robin: each payout's events in order
             for pid in range(payouts.first, payouts.last + 1):
                 event_type = "payout.paid" if j == per_payout else "payout.updated"
-                plan.append([f"{prefix}{pid}n{j}", event_type, data.payout_id(pid), base + j, None])
+                plan.append(payouts.event(f"{prefix}{pid}n{j}", event_type, pid, base + j))
         with self.stack(mode="inline", setting=self.best_setting(), workers=2) as port:
             result = self.send("hot", port, plan, connections=8, max_s=s.e2e_max_s)
             settled = self.wait_settled(prefix, s.settle_s + s.hot_events / 10)
@@ -725,8 +725,10 @@ class Bench:
         n = self.scale.failed_transactions
         payouts = self.fresh_payouts(1, items=n, status="paid")
         obj = stripe_events.payout_object(data.payout_id(payouts.first), status="failed",
+                                          amount=payouts.amount_of(payouts.first),
                                           **stripe_events.failed_payout_defaults())
-        event = stripe_events.payout_event("payout.failed", obj)
+        event = stripe_events.payout_event("payout.failed", obj,
+                                           account=payouts.account_of(payouts.first))
         started = time.perf_counter()
         recorded = event_receive(event, stripe_events.encode(event), {})
         wall = time.perf_counter() - started

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import random
+import subprocess
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -56,23 +57,32 @@ SOAK_ENV = {"WEBHOOK_PROCESSING": "deferred", "WEBHOOK_LEASE_SECONDS": "5",
 TYPES = [("payout.updated", "in_transit"), ("payout.paid", "paid"), ("payout.failed", "failed")]
 
 
-def make_plan(first_payout: int, events: int, rng: random.Random, *, duplicate_share: float,
-              reorder_window: int) -> tuple[list[list[Any]], int, dict[str, str]]:
-    """``events`` distinct events (each payout: updated, paid, and for one in four
-    failed, with increasing ``created``), locally shuffled, with duplicates mixed in.
-    Returns the plan, the number of payouts, and each event's payout."""
+def steps_of(pid: int) -> int:
+    """Each payout's events: updated and paid, and for one in four failed too."""
+    return 3 if pid % 4 == 0 else 2
+
+
+def payouts_needed(first_payout: int, events: int) -> int:
+    pid, planned = first_payout, 0
+    while planned < events:
+        planned += steps_of(pid)
+        pid += 1
+    return pid - first_payout
+
+
+def make_plan(payouts: data.Payouts, events: int, rng: random.Random, *,
+              duplicate_share: float, reorder_window: int,
+              ) -> tuple[list[list[Any]], dict[str, str]]:
+    """``events`` distinct events for ``payouts`` (see ``steps_of``, with increasing
+    ``created``), locally shuffled, with duplicates mixed in. Returns the plan and
+    each event's payout."""
     base = int(time.time()) - 3600
     distinct: list[list[Any]] = []
-    pid = first_payout
-    while len(distinct) < events:
-        steps = 3 if pid % 4 == 0 else 2
-        for n in range(steps):
+    for pid in range(payouts.first, payouts.last + 1):
+        for n in range(steps_of(pid)):
             event_type, _status = TYPES[n]
-            distinct.append([f"evt_Soak{pid}n{n}", event_type, data.payout_id(pid),
-                             base + n * 60, None])
-        pid += 1
+            distinct.append(payouts.event(f"evt_Soak{pid}n{n}", event_type, pid, base + n * 60))
     distinct = distinct[:events]
-    payouts = pid - first_payout
     plan = list(distinct)
     for i in range(len(plan)):  # reorder: swap with a near neighbour
         j = min(len(plan) - 1, max(0, i + rng.randint(-reorder_window, reorder_window)))
@@ -80,7 +90,7 @@ def make_plan(first_payout: int, events: int, rng: random.Random, *, duplicate_s
     for row in rng.sample(distinct, int(len(distinct) * duplicate_share)):
         plan.insert(min(len(plan), plan.index(row) + rng.randint(1, 200)), list(row))
     owner = {row[0]: row[2] for row in distinct}
-    return plan, payouts, owner
+    return plan, owner
 
 
 class Soak:
@@ -109,11 +119,11 @@ class Soak:
         conn = data.connect_loader(self.db.url)
         with conn.cursor() as cur:
             sellers = data.ensure_sellers(cur, 100)
-            first = data.next_id(cur, data.PAYOUT)
-            plan, n_payouts, owner = make_plan(first, self.events, self.rng,
-                                               duplicate_share=0.05, reorder_window=25)
+            n_payouts = payouts_needed(data.next_id(cur, data.PAYOUT), self.events)
             payouts = data.load_payouts(cur, n_payouts, items=3, sellers=sellers,
                                         status="pending", age_days=1)
+            plan, owner = make_plan(payouts, self.events, self.rng, duplicate_share=0.05,
+                                    reorder_window=25)
             data.analyze(cur)
         conn.close()
         say(f"soak: {self.events:,} events ({len(plan) - self.events:,} more as duplicates) for "
@@ -168,6 +178,9 @@ class Soak:
         settled_s = self.wait_settled(timeout=max(120.0, self.events / 20))
         self.note(f"settled {settled_s:.0f} s after the load")
         figures = self.check(result, owner, payouts, plan)
+        figures.update(self.check_ledger(env))
+        figures["invariants_hold"] = (figures["invariants_hold"]
+                                      and figures["check_ledger_exit"] == 0)
         figures.update({"kills": self.kills, "db_restart_at_s": self.restarted_at,
                         "db_down_s": self.restart_down_s, "settle_s": settled_s,
                         "rate": self.rate, "total_s": time.perf_counter() - started,
@@ -177,6 +190,15 @@ class Soak:
     def start_worker(self, i: int, env: dict[str, str]) -> None:
         self.procs.start(f"soak-worker-{i}", [PYTHON, "manage.py", "process_webhooks",
                                               "--idle-sleep", "0.2"], env)
+
+    def check_ledger(self, env: dict[str, str]) -> dict[str, Any]:
+        """``manage.py check_ledger`` on the soak's database: the money invariants."""
+        result = subprocess.run([PYTHON, "manage.py", "check_ledger"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=600, check=False)
+        violations = [line for line in result.stdout.splitlines()
+                      if not line.startswith("ledger ok")]
+        return {"check_ledger_exit": result.returncode, "ledger_violations": len(violations),
+                "ledger_violation_examples": violations[:5]}
 
     def pending(self) -> int:
         return int(self.db.scalar(f"SELECT count(*) FROM {data.EVENT} "
@@ -217,7 +239,7 @@ class Soak:
                            if counter == processed)
         # The newest event of each payout decides its status.
         newest: dict[str, tuple[int, str, str]] = {}
-        for event_id, event_type, payout_id, created, _account in plan:
+        for event_id, event_type, payout_id, created, _account, _amount in plan:
             if payout_id not in newest or created > newest[payout_id][0]:
                 newest[payout_id] = (created, event_id, event_type)
         status_of = dict(TYPES)
@@ -264,7 +286,8 @@ class Soak:
             figures["lost"] == 0 and figures["duplicated_effects"] == 0 and under == 0
             and figures["never_acknowledged"] == 0 and not wrong_state
             and failed_still_paid_out == 0 and others_released == 0
-            and figures["transfers_wrong"] == 0 and len(acked) == len(owner))
+            and figures["transfers_wrong"] == 0 and len(acked) == len(owner)
+            and status_counts.get("held", 0) == 0)
         return figures
 
 
@@ -288,6 +311,8 @@ def report(figures: dict[str, Any]) -> str:
         ["other payouts' transactions released (must be 0)",
          f"{figures['other_payout_transactions_released']:,}"],
         ["transfers not matching their payout (must be 0)", f"{figures['transfers_wrong']:,}"],
+        ["held (disagree with the ledger; must be 0)", f"{figures['status'].get('held', 0):,}"],
+        ["check_ledger violations (must be 0)", f"{figures['ledger_violations']:,}"],
         ["workers killed (SIGKILL)", f"{figures['kills']:,}"],
         ["PostgreSQL restarted at", f"{figures['db_restart_at_s'] or 0:.0f} s into the load "
                                     f"({figures['db_down_s']:.0f} s down)"],
