@@ -886,7 +886,8 @@ def main(argv: list[str]) -> int:
     report = bench.report(started_at, seconds)
     write_json(args.out, report)
     say("\n" + table(report["summary"], ["figure", "value", "detail", "of limit"]))
-    say(f"\n{scale.name} run in {seconds:.0f} s; figures in {args.out.relative_to(REPO)}")
+    shown = args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
+    say(f"\n{scale.name} run in {seconds:.0f} s; figures in {shown}")
     return 1 if any(sec.error for sec in bench.sections.values()) else 0
 
 

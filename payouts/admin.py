@@ -71,7 +71,9 @@ class PayoutAdmin(admin.ModelAdmin):
     search_fields = ["stripe_payout_id", "seller__name", "seller__stripe_account_id"]
     list_select_related = ["seller"]
     raw_id_fields = ["seller"]
-    readonly_fields = ["last_event_id", "last_event_type", "last_event_created", "events_applied",
+    readonly_fields = ["reference", "creation_state", "submitted_at", "original_payout",
+                       "reversed_by", "reversed_at", "review_reason", "review_requested_at",
+                       "last_event_id", "last_event_type", "last_event_created", "events_applied",
                        "created_at", "updated_at"]
     inlines = [PayoutItemInline]
 
@@ -100,8 +102,8 @@ class WebhookEventAdmin(admin.ModelAdmin):
     inlines = [AttemptInline]
     readonly_fields = ["stripe_event_id", "type", "account", "livemode", "api_version",
                        "stripe_created", "stripe_object_id", "body", "headers", "received_at",
-                       "status", "status_reason", "attempts", "next_attempt_at", "last_error",
-                       "processed_at"]
+                       "status", "status_reason", "attempts", "next_attempt_at", "claimed_by",
+                       "last_error", "processed_at"]
     exclude = ["raw_body"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:

@@ -1,6 +1,6 @@
 """Transactions with an explicit isolation level, retried whole on 40001/40P01.
 
-Rules (DESIGN.md section 4):
+Rules (docs/design.md, section 7):
 
 * ``SET TRANSACTION ISOLATION LEVEL`` is the first statement of the outermost
   transaction; PostgreSQL ignores (or rejects) it anywhere else. A nested block

@@ -80,4 +80,11 @@ class Migration(migrations.Migration):
             model_name='payout',
             index=models.Index(condition=models.Q(('review_reason', ''), _negated=True), fields=['review_requested_at'], name='payout_to_review'),
         ),
+        # A payout reserved before this migration may have gone to Stripe long ago: count
+        # from its creation, so that a resume past 23 h looks up what Stripe made first.
+        migrations.RunSQL(
+            "UPDATE payouts_payout SET submitted_at = created_at "
+            "WHERE creation_state = 'reserved' AND submitted_at IS NULL",
+            migrations.RunSQL.noop,
+        ),
     ]

@@ -37,6 +37,7 @@ log = structlog.get_logger(__name__)
 
 METADATA_KEY = "payout_console_payout"  # our reference, in Stripe's metadata: never rename
 Status = Payout.Status
+Creation = Payout.Creation
 Transfer = PaymentTransfer.Status
 
 
@@ -89,7 +90,7 @@ TRANSACTION = PaymentTransaction._meta.db_table
 LOCK_SQL = f"""
 SELECT p.id, p.stripe_payout_id, p.status, p.last_event_id, p.last_event_created, p.amount,
        p.currency, coalesce(s.stripe_account_id, ''), p.reversed_at IS NOT NULL,
-       p.original_payout_id
+       p.original_payout_id, p.creation_state
 FROM {PAYOUT} p LEFT JOIN {SELLER} s ON s.id = p.seller_id
 WHERE p.{{column}} = %s FOR UPDATE OF p{{nowait}}"""
 
@@ -154,6 +155,7 @@ class Locked:
     ours: transitions.Ours
     reversed: bool
     original_id: int | None
+    creation_state: str
 
     @property
     def live(self) -> bool:
@@ -171,9 +173,10 @@ def _lock(column: str, value: Any, *, nowait: bool) -> Locked | None:
     if row is None:
         return None
     (pk, stripe_id, status, last_id, last_created, amount, currency, account, reversed_,
-     original_id) = row
+     original_id, creation_state) = row
     return Locked(pk, stripe_id, status, last_id, last_created,
-                  transitions.Ours(account, amount, currency), reversed_, original_id)
+                  transitions.Ours(account, amount, currency), reversed_, original_id,
+                  creation_state)
 
 
 def _from_unix(value: Any) -> datetime | None:
@@ -214,14 +217,21 @@ def apply_event(event: EventFacts, payout_object: dict[str, Any], *,
     stripe_payout_id = payout_object["id"]
     payout = _lock("stripe_payout_id", stripe_payout_id, nowait=nowait)
     if payout is None:
-        reference = _reference(payout_object)
+        # A reversal is never one of ours, whatever its metadata says.
+        reference = "" if payout_object.get("original_payout") else _reference(payout_object)
         payout = _lock("reference", reference, nowait=nowait) if reference else None
         if payout is None:
             return _payout_create(event, payout_object, nowait=nowait)
-        if payout.stripe_payout_id is not None:
-            return _held(payout.id, stripe_payout_id, [
-                f"its metadata names our payout {reference}, which is Stripe's "
-                f"{payout.stripe_payout_id}: Stripe made a second payout for it"])
+        if payout.stripe_payout_id is not None or payout.creation_state == Creation.FAILED:
+            # Stripe made a payout we have another one for, or one we gave up making and
+            # whose money we released: either way it may be paid twice.
+            made = (f"which is Stripe's {payout.stripe_payout_id}"
+                    if payout.stripe_payout_id else "whose creation failed and whose money "
+                    "was released")
+            problem = (f"its metadata names our payout {reference}, {made}: Stripe made "
+                       f"{stripe_payout_id} for it too")
+            review_request(payout.id, f"{event.stripe_event_id}: {problem}")
+            return _held(payout.id, stripe_payout_id, [problem])
     txutils.annotate(payout_id=payout.id)
 
     problems = transitions.disagreements(payout.ours, account=event.account,

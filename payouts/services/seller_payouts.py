@@ -172,6 +172,7 @@ def payout_submit(*, payout: Payout, client: stripe.StripeClient | None = None) 
     Raises ``PayoutStillPending`` when Stripe could not be reached (the payout
     stays reserved); a final Stripe error fails the payout and releases it.
     """
+    payout.refresh_from_db()  # a webhook may have linked it meanwhile
     if payout.creation_state != Creation.RESERVED:
         return payout
     client = client or stripe_client()
@@ -181,10 +182,16 @@ def payout_submit(*, payout: Payout, client: stripe.StripeClient | None = None) 
     # our transfer id -> tr_…: those standing from before, then those Stripe confirms now
     made = {t.pk: t.stripe_transfer_id for t in transfers if t.stripe_transfer_id}
     submitted_at = _submission_start(payout)
+    if timezone.now() - submitted_at > KEYS_TRUSTED_FOR:
+        found = _look_up(payout, account, made, submitted_at, client)
+        if found is not None:  # Stripe made it: send nothing
+            missing = [t.pk for t in transfers if t.pk not in made]
+            if missing:
+                _hold_for_review(payout, f"Stripe has its payout {found.id}, but no transfer "
+                                         f"for our transfer(s) {missing}")
+            return _payout_record(payout, made, found)
     stripe_payout: Any = None
     try:
-        if timezone.now() - submitted_at > KEYS_TRUSTED_FOR:
-            stripe_payout = _look_up(payout, account, made, submitted_at, client)
         for transfer in transfers:
             if transfer.pk in made:
                 continue
@@ -196,7 +203,7 @@ def payout_submit(*, payout: Payout, client: stripe.StripeClient | None = None) 
                 options={"idempotency_key": idempotency_key(payout, f"transfer:{transfer.pk}")},
             )
             made[transfer.pk] = created.id
-        if stripe_payout is None:
+        if payout.stripe_payout_id is None:  # else its webhook proved Stripe made it
             stripe_payout = client.v1.payouts.create(
                 params={"amount": payout.amount, "currency": payout.currency,
                         "metadata": {METADATA_KEY: payout.reference or ""}},
@@ -225,22 +232,30 @@ def _submission_start(payout: Payout) -> datetime:
 def _look_up(payout: Payout, account: str, made: dict[int, str], submitted_at: datetime,
              client: stripe.StripeClient) -> Any:
     """Past KEYS_TRUSTED_FOR, our keys may be forgotten: find what Stripe made for the
-    payout before sending anything, and record it. Returns Stripe's payout, if made."""
+    payout before sending anything, and record the transfers. Returns Stripe's payout,
+    if made. Anything unexpected stops the payout for a person to review."""
     reference = payout.reference or ""
+    try:
+        transfers = [t.to_dict() for t in client.v1.transfers.list(
+            params={"transfer_group": reference, "limit": 100}).auto_paging_iter()]
+        since = int((submitted_at - timedelta(hours=1)).timestamp())  # clocks may differ
+        carrying = [p for p in client.v1.payouts.list(
+            params={"created": {"gte": since}, "limit": 100},
+            options={"stripe_account": account}).auto_paging_iter()
+            if p.to_dict().get("metadata", {}).get(METADATA_KEY) == reference]
+    except stripe.StripeError as exc:  # never final: not knowing is not a refusal
+        raise PayoutStillPending(f"{reference}: looking up what Stripe made: {exc}") from exc
     found: dict[int, str] = {}
-    for transfer in client.v1.transfers.list(
-            params={"transfer_group": reference, "limit": 100}).auto_paging_iter():
-        ours = transfer.to_dict().get("metadata", {}).get(TRANSFER_KEY, "")
-        if transfer.reversed:
-            _hold_for_review(payout, f"Stripe has reversed transfer {transfer.id} of it: a "
-                                     "release was under way; a person must decide")
+    for transfer in transfers:
+        ours = str(transfer.get("metadata", {}).get(TRANSFER_KEY, ""))
+        if transfer.get("amount_reversed"):
+            _hold_for_review(payout, f"Stripe has reversed transfer {transfer['id']} of it (in "
+                                     "part or whole): a release was under way")
+        if ours.isdigit() and int(ours) in found:
+            _hold_for_review(payout, f"Stripe has two transfers for our transfer {ours}: "
+                                     f"{found[int(ours)]} and {transfer['id']}")
         if ours.isdigit():
-            found[int(ours)] = transfer.id
-    since = int((submitted_at - timedelta(hours=1)).timestamp())  # clocks may differ
-    carrying = [p for p in client.v1.payouts.list(
-        params={"created": {"gte": since}, "limit": 100},
-        options={"stripe_account": account}).auto_paging_iter()
-        if p.to_dict().get("metadata", {}).get(METADATA_KEY) == reference]
+            found[int(ours)] = transfer["id"]
     if len(carrying) > 1:
         _hold_for_review(payout, "Stripe has several payouts carrying its reference: "
                                  + ", ".join(p.id for p in carrying))
@@ -278,22 +293,35 @@ def _is_final(exc: stripe.StripeError) -> bool:
 
 @txutils.financial_transaction(operation="payout.record_submission")
 def _payout_record(payout: Payout, made: dict[int, str], stripe_payout: Any) -> Payout:
-    """Phase 3. A webhook may have linked and moved the payout already: keep its status."""
+    """Phase 3: record Stripe's ids. ``stripe_payout`` is Stripe's answer, or None when a
+    webhook linked the payout already. A webhook may also have moved it: its status stays.
+    Stripe's status is taken only while no money has moved or come back (pending, in
+    transit); a later one must come through its event, which moves the money with it."""
     locked = Payout.objects.select_for_update().get(pk=payout.pk)
     txutils.annotate(payout_id=locked.pk)
     if locked.creation_state != Creation.RESERVED:  # another run settled it meanwhile
         return locked
     _transfers_record(made)
-    if locked.stripe_payout_id is None:
-        locked.stripe_payout_id = stripe_payout.id
-    if not locked.last_event_id:  # no webhook applied yet: Stripe's answer is the news
-        locked.status = stripe_payout.status
-        arrival = getattr(stripe_payout, "arrival_date", None)
-        if isinstance(arrival, int):
-            locked.arrival_date = datetime.fromtimestamp(arrival, tz=UTC)
+    if stripe_payout is not None:
+        if locked.stripe_payout_id is None:
+            locked.stripe_payout_id = stripe_payout.id
+        elif locked.stripe_payout_id != stripe_payout.id:
+            ledger.review_request(locked.pk, f"Stripe answered {stripe_payout.id} for it, but "
+                                             f"a webhook linked {locked.stripe_payout_id}")
+        if not locked.last_event_id:  # no webhook applied yet: Stripe's answer is the news
+            if stripe_payout.status in (Payout.Status.PENDING, Payout.Status.IN_TRANSIT):
+                locked.status = stripe_payout.status
+            else:
+                ledger.review_request(locked.pk, f"Stripe reports it {stripe_payout.status}, "
+                                                 "but no event of it was applied yet")
+            arrival = getattr(stripe_payout, "arrival_date", None)
+            if isinstance(arrival, int):
+                locked.arrival_date = datetime.fromtimestamp(arrival, tz=UTC)
     locked.creation_state = Creation.SUBMITTED
     locked.creation_error = ""
-    locked.save()
+    # Only these fields: a review asked for above is written to the row already.
+    locked.save(update_fields=["stripe_payout_id", "status", "arrival_date", "creation_state",
+                               "creation_error", "updated_at"])
     log.info("payout.submitted", reference=locked.reference, stripe_payout=locked.stripe_payout_id)
     return locked
 
@@ -357,7 +385,8 @@ def _payout_release(payout: Payout, reversed_transfers: dict[int, str], error: s
     locked.creation_state = Creation.FAILED
     locked.creation_error = error
     locked.failure_message = error
-    locked.save()
+    locked.save(update_fields=["status", "creation_state", "creation_error", "failure_message",
+                               "updated_at"])
     log.warning("payout.creation_failed", reference=locked.reference, error=error)
     return locked
 

@@ -344,6 +344,32 @@ def test_screenshots_of_the_main_pages(demo, page):
     shoot("event-detail", f"/events/{event.pk}/", "#payload")
     shoot("transaction-logs", "/transactions/", "#txstats tbody tr")
     shoot("health", "/health/", "#panel-transactions svg")
+    held = WebhookEvent.objects.get(stripe_event_id="evt_1DemoHeldAccount01")
+    shoot("event-held", f"/events/{held.pk}/", "#held form.dismiss")
+    reversed_ = Payout.objects.get(reversed_at__isnull=False)
+    shoot("payout-reversed", f"/payouts/{reversed_.pk}/", "#reversed-by")
+    to_review = Payout.objects.exclude(review_reason="").get()
+    shoot("payout-to-review", f"/payouts/{to_review.pk}/", "#review")
+
+
+def test_support_dismisses_a_held_event_from_its_page(demo, page):
+    """Held events are one click from the events list; dismissing one needs a reason,
+    then the event is skipped and the page says so."""
+    event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoHeldAccount01")
+    login(page, "support")
+    page.goto("/events/")
+    page.locator("#held-link a").click()
+    expect(page.locator("#results .count")).to_have_text("2 events")
+    page.get_by_role("link", name="evt_1DemoHeldAccount01").click()
+    expect(page.locator("#held")).to_contain_text(
+        "account is acct_1DemoBlueHeron0000 in the event, acct_1DemoAtelierNord00 on our payout")
+    page.get_by_label("Why it is dismissed").fill("Blue Heron's payout; confirmed with Stripe")
+    page.get_by_role("button", name="Dismiss").click()
+    expect(page.locator("#messages")).to_contain_text("dismissed: it stays on record as skipped")
+    expect(page.locator("h1 .badge")).to_have_text("skipped")
+    expect(page.locator("#attempts-table")).to_contain_text("dismiss")
+    event.refresh_from_db()
+    assert event.status == "skipped" and "confirmed with Stripe" in event.status_reason
 
 
 # --- product bugs (these fail until the console is fixed) -----------------------------------

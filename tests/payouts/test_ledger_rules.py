@@ -209,6 +209,46 @@ def test_a_second_stripe_payout_with_our_reference_is_held(inline_server):
     assert send(inline_server, second) == "held"
     assert f"which is Stripe's {first}" in stored(second).status_reason
     assert not Payout.objects.filter(stripe_payout_id=second["data"]["object"]["id"]).exists()
+    ours.refresh_from_db()
+    assert "Stripe made" in ours.review_reason and ours.stripe_payout_id == first
+
+
+def test_a_stripe_payout_for_one_whose_creation_failed_is_held_for_review(inline_server):
+    """We gave up making a payout (Stripe refused) and released its money; a payout with
+    its reference turning up means Stripe made it after all: paying the released money
+    again would pay it twice, so the event is held and the payout marked for review."""
+    ours = reserved_payout(make_seller())
+    Payout.objects.filter(pk=ours.pk).update(creation_state="failed", status="failed")
+    PaymentTransaction.objects.filter(transfers__payout_items__payout=ours).update(
+        payed_out=False, actual_release_date=None)
+    event = evt("payout.paid", stripe_events.new_id("po"), at=5,
+                account=ours.seller.stripe_account_id, amount=ours.amount,
+                metadata={METADATA_KEY: ours.reference})
+
+    assert send(inline_server, event) == "held"
+
+    ours.refresh_from_db()
+    assert ours.stripe_payout_id is None and ours.status == "failed"
+    assert "whose creation failed and whose money was released" in ours.review_reason
+
+
+def test_a_reversal_carrying_our_reference_is_still_a_reversal(inline_server):
+    """The reverse call copies metadata: a reversal of our payout may carry our reference.
+    It is a reversal all the same, never a second payout of ours."""
+    ours = reserved_payout(make_seller())
+    stripe_id = stripe_events.new_id("po")
+    assert send(inline_server, evt("payout.paid", stripe_id, at=5,
+                                   account=ours.seller.stripe_account_id, amount=ours.amount,
+                                   metadata={METADATA_KEY: ours.reference})) == "processed"
+    reversal = evt("payout.created", stripe_events.new_id("po"), "paid", at=50,
+                   account=ours.seller.stripe_account_id, amount=-ours.amount,
+                   original_payout=stripe_id, metadata={METADATA_KEY: ours.reference})
+
+    assert send(inline_server, reversal) == "processed"
+
+    ours.refresh_from_db()
+    assert ours.is_reversed and ours.review_reason == ""
+    assert released(ours)
 
 
 def test_a_held_event_is_checked_again_on_replay(inline_server, staff):

@@ -676,3 +676,85 @@ def test_paid_webhook_before_phase_3_is_linked_and_kept(
     assert Payout.objects.count() == 1
     assert set(PaymentTransfer.objects.filter(payout_items__payout=payout)
                .values_list("status", flat=True)) == {PaymentTransfer.Status.PAID}
+
+
+def crashed_after_stripe_made_the_payout(fake: FakeStripe, env: dict[str, str],
+                                         ) -> tuple[Seller, list[PaymentTransaction], Payout]:
+    """The command made the transfers and the payout at Stripe and died unanswered."""
+    seller, txns = seller_owed()
+    fake.hold("/v1/payouts", when="after")
+    crashed = start(env)
+    fake.wait_held(timeout=RUN_S)
+    kill(crashed)
+    fake.release()
+    return seller, txns, Payout.objects.get(seller=seller)
+
+
+def test_a_payout_stripe_failed_meanwhile_is_recorded_without_its_status(
+        fake: FakeStripe, env: dict[str, str], inline_server: Server) -> None:
+    """Found by the lookup after Stripe failed it, with its event not arrived yet: taking
+    Stripe's "failed" as is would strand the money (the event would then change nothing).
+    The payout stays pending, marked for review; its payout.failed releases the money."""
+    seller, txns, payout = crashed_after_stripe_made_the_payout(fake, env)
+    [stripe_id] = fake.payouts
+    fake.payouts[stripe_id].update(status="failed", failure_code="account_closed")
+    age(payout, fake, 30)
+
+    ok(run(env))
+
+    payout.refresh_from_db()
+    assert (payout.stripe_payout_id, payout.status) == (stripe_id, Payout.Status.PENDING)
+    assert payout.creation_state == Payout.Creation.SUBMITTED
+    assert "Stripe reports it failed" in payout.review_reason
+    failed = stripe_events.payout_event("payout.failed", {
+        **fake.payouts[stripe_id], "failure_message": "The bank account has been closed."},
+        account=seller.stripe_account_id)
+    assert deliver(inline_server.url, failed).json()["status"] == "processed"
+    assert not PaymentTransaction.objects.filter(pk__in=[t.pk for t in txns], payed_out=True)
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_a_lookup_that_fails_is_never_taken_for_a_refusal(fake: FakeStripe,
+                                                          env: dict[str, str],
+                                                          status: int) -> None:
+    """A 4xx while listing what Stripe made (access revoked, ...) says nothing about the
+    payout: nothing is reversed or released, and the payout stays reserved."""
+    _, txns, payout = crashed_after_stripe_made_the_payout(fake, env)
+    age(payout, fake, 30)
+    fake.fail_next("/v1/transfers", status=status)
+
+    result = run(env)
+
+    assert result.returncode != 0
+    assert "looking up what Stripe made" in result.stderr, result.stderr
+    payout.refresh_from_db()
+    assert payout.creation_state == Payout.Creation.RESERVED
+    assert not fake.reversals and len(fake.payouts) == 1
+    assert PaymentTransaction.objects.filter(pk__in=[t.pk for t in txns],
+                                             payed_out=True).count() == len(txns)
+
+
+def test_a_payout_its_webhook_linked_is_not_made_again(
+        fake: FakeStripe, env: dict[str, str], inline_server: Server) -> None:
+    """Stripe's payout carrying our reference was linked by its webhook while our payout
+    was still reserved: the resume records the transfers and sends no payout request."""
+    seller, _ = seller_owed()
+    fake.fail_next("/v1/payouts", status=429)
+    assert run(env).returncode != 0
+    payout = Payout.objects.get(seller=seller)
+    stripe_id = stripe_events.new_id("po")
+    made = stripe_events.payout_object(stripe_id, status="in_transit", amount=payout.amount,
+                                       metadata={"payout_console_payout": payout.reference})
+    assert deliver(inline_server.url, stripe_events.payout_event(
+        "payout.updated", made, account=seller.stripe_account_id)).json()["status"] == \
+        "processed"
+    seen = len(fake.requests)
+
+    ok(run(env))
+
+    assert not posts(fake, "/v1/payouts", seen)
+    payout.refresh_from_db()
+    assert (payout.stripe_payout_id, payout.status) == (stripe_id, Payout.Status.IN_TRANSIT)
+    assert payout.creation_state == Payout.Creation.SUBMITTED
+    assert PaymentTransfer.objects.filter(payout_items__payout=payout,
+                                          stripe_transfer_id__isnull=True).count() == 0

@@ -10,7 +10,7 @@ from payouts.transitions import CANCELED, FAILED, IN_TRANSIT, PAID, PENDING, Dec
 STATUSES = (PENDING, IN_TRANSIT, PAID, FAILED, CANCELED)
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
-# Written out independently of transitions.ALLOWED: the contract from DESIGN.md section 3.
+# Written out independently of transitions.ALLOWED: the contract in docs/design.md, section 3.
 EXPECTED_ALLOWED = {
     (PENDING, IN_TRANSIT), (PENDING, PAID), (PENDING, FAILED), (PENDING, CANCELED),
     (IN_TRANSIT, PAID), (IN_TRANSIT, FAILED), (IN_TRANSIT, CANCELED),

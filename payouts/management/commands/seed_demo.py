@@ -170,7 +170,7 @@ class Command(BaseCommand):
                    "user-agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}
         if process:
             return 0 if event_receive(event, body, headers).duplicate else 1
-        return 0 if inbox.event_record(event, body, headers, lease_s=60).duplicate else 1
+        return 0 if inbox.event_record(event, body, headers, lease_s=0).duplicate else 1
 
     def _troubled_events(self) -> int:
         """Failed, dead and ignored events for the console's failure views."""
@@ -276,7 +276,7 @@ class Command(BaseCommand):
         now = timezone.now()
         stored = WebhookEvent.objects.get(stripe_event_id=event["id"])
         WebhookEvent.objects.filter(pk=stored.pk).update(
-            status=WebhookEvent.Status.FAILED, last_error=error,
+            status=WebhookEvent.Status.FAILED, last_error=error, attempts=1,
             next_attempt_at=now + timedelta(hours=1))
         WebhookEventAttempt.objects.create(
             event=stored, trigger=WebhookEventAttempt.Trigger.INLINE, started_at=now,
