@@ -9,7 +9,7 @@ from typing import Any
 
 from django.core.cache import cache
 from django.db import connection
-from django.db.models import Count, Prefetch, Q, QuerySet, Sum
+from django.db.models import Case, Count, F, Prefetch, Q, QuerySet, Sum, Value, When
 from django.utils import timezone
 
 from payouts.models import (
@@ -162,8 +162,14 @@ def transaction_operations() -> list[str]:
 
 
 def payouts_by_status() -> list[dict[str, Any]]:
-    return list(Payout.objects.order_by().values("status", "currency")
-                .annotate(count=Count("id"), amount=Sum("amount")).order_by("status", "currency"))
+    """Payouts per status and currency; a reversed payout counts as "reversed", and the
+    reversals themselves (bookkeeping of the payout they reverse) are left out."""
+    shown = Case(When(reversed_at__isnull=False, then=Value("reversed")), default=F("status"))
+    rows = (Payout.objects.filter(original_payout__isnull=True).order_by()
+            .values("currency", shown_status=shown)
+            .annotate(count=Count("id"), amount=Sum("amount")).order_by("shown_status", "currency"))
+    return [{"status": row["shown_status"], "currency": row["currency"], "count": row["count"],
+             "amount": row["amount"]} for row in rows]
 
 
 LEDGER_SUMMARY_TTL_S = 60

@@ -65,7 +65,7 @@ def decide(
         # Same second, same status: which of the two is newer cannot be told, so the one
         # applied stays and Stripe's state is checked later.
         return Decision(False, f"same second and status as the applied event {last_event_id}; "
-                               "payout marked for reconciliation", review=True)
+                               "payout marked for review", review=True)
     if new_status == current_status:
         return Decision(True, "no status change")
     if current_status in FINAL:

@@ -106,9 +106,10 @@ class Payout(models.Model):
     failure_code = models.CharField(max_length=64, blank=True, default="")
     failure_message = models.TextField(blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True, help_text="Stripe's payout metadata")
-    # Reversals: set on a reversal payout, pointing at the payout it reverses.
+    # Reversals: set on a reversal payout, pointing at the payout it reverses. Indexed for
+    # reversals only (below): a full index would take an entry on every status change.
     original_payout = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True,
-                                        related_name="reversals")
+                                        related_name="reversals", db_index=False)
     # Set on the reversed payout: Stripe's id of its reversal, and when that was paid
     # (the money is back on the balance and the transactions were released).
     reversed_by = models.CharField(max_length=64, blank=True, default="", db_default="")
@@ -139,6 +140,8 @@ class Payout(models.Model):
                          name="payout_resumable"),
             models.Index(fields=["review_requested_at"], condition=~Q(review_reason=""),
                          name="payout_to_review"),
+            models.Index(fields=["original_payout"], condition=Q(original_payout__isnull=False),
+                         name="payout_reversals"),
         ]
 
     def __str__(self) -> str:

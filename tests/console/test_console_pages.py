@@ -147,8 +147,14 @@ def test_health_figures(demo):
     context = response.context
     assert context["backlog"].dead == 1
     assert context["stuck_count"] >= 1
-    assert {row["status"] for row in context["by_status"]} == {
-        "pending", "in_transit", "paid", "failed", "canceled"}
+    by_status = {row["status"]: row for row in context["by_status"]}
+    assert set(by_status) == {"pending", "in_transit", "paid", "failed", "canceled", "reversed"}
+    reversed_ = Payout.objects.get(reversed_at__isnull=False)
+    assert (by_status["reversed"]["count"], by_status["reversed"]["amount"]) == (
+        1, reversed_.amount)
+    paid = Payout.objects.filter(status="paid", reversed_at=None, original_payout=None)
+    assert by_status["paid"]["count"] == paid.count()
+    assert by_status["paid"]["amount"] == sum(p.amount for p in paid)
     assert {row["failure_code"] for row in context["failure_codes"]} >= {"account_closed"}
     assert b"<svg" in response.content
 

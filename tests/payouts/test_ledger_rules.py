@@ -444,7 +444,7 @@ def test_the_same_status_in_the_same_second_changes_nothing_and_asks_for_review(
         inline_server):
     """payout.paid, then a payout.updated saying paid in the same second with another
     arrival date: which is newer cannot be told. The second is skipped, the first's
-    arrival date stays, and the payout is marked for reconciliation."""
+    arrival date stays, and the payout is marked for review."""
     payout = make_payout(status="in_transit", transactions=2)
     paid = evt("payout.paid", payout.stripe_payout_id, at=30, arrival_date=T0 + 86400)
     twin = evt("payout.updated", payout.stripe_payout_id, "paid", at=30,

@@ -101,11 +101,11 @@ def test_equal_created_times_are_decided_by_the_table(current, new, applies):
 @pytest.mark.parametrize("status", STATUSES)
 def test_same_second_same_status_changes_nothing_and_asks_for_review(status):
     """Same second, same status, another event: which is newer cannot be told, so the
-    applied one stays and the payout is marked for reconciliation."""
+    applied one stays and the payout is marked for review."""
     decision = newer_event(status, status, event_created=T0)
     assert decision == Decision(
         False, "same second and status as the applied event evt_last; payout marked for "
-        "reconciliation", review=True)
+        "review", review=True)
 
 
 def test_a_later_event_with_the_same_status_still_applies():
