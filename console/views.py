@@ -13,13 +13,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.db.models import QuerySet
-from django.http import (
-    Http404,
-    HttpRequest,
-    HttpResponse,
-    HttpResponseForbidden,
-    HttpResponseRedirect,
-)
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -80,10 +74,7 @@ def payout_list(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @permission_required("payouts.view_payout", raise_exception=True)
 def payout_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    try:
-        payout = selectors.payout_detail(pk)
-    except Payout.DoesNotExist:
-        raise Http404("No such payout.") from None
+    payout = get_object_or_404(selectors.payout_details(), pk=pk)
     return render(request, "console/payout_detail.html", {
         "payout": payout,
         "items": selectors.payout_items(payout),

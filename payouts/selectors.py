@@ -32,9 +32,9 @@ def payouts_created_here() -> QuerySet[Payout]:
             .order_by("-created_at"))
 
 
-def payout_detail(pk: int) -> Payout:
-    return (Payout.objects.select_related("seller", "original_payout")
-            .prefetch_related("reversals").get(pk=pk))
+def payout_details() -> QuerySet[Payout]:
+    """Payouts with what their detail page shows besides: the reversed and the reversals."""
+    return Payout.objects.select_related("seller", "original_payout").prefetch_related("reversals")
 
 
 def payout_by_stripe_id(stripe_payout_id: str) -> Payout | None:
