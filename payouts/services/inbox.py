@@ -151,7 +151,6 @@ def sanitised_headers(headers: Any) -> dict[str, str]:
     return kept
 
 
-
 # --- storing -------------------------------------------------------------------------------
 
 
@@ -184,10 +183,10 @@ class Recorded:
 
 
 def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], *,
-                 lease_s: float, claimed_by: str = "inline") -> Recorded:
+                 lease_s: float) -> Recorded:
     """Store a verified event once (its id is unique); a duplicate changes nothing.
 
-    ``lease_s`` > 0 keeps workers off the event for that long, because ``claimed_by``
+    ``lease_s`` > 0 keeps workers off the event for that long, because the request
     processes it right away (inline mode); it counts as the first attempt.
     """
     obj = payload["data"]["object"]
@@ -208,7 +207,7 @@ def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], 
             [payload["id"], payload["type"], payload.get("account") or "",
              bool(payload.get("livemode", False)), payload.get("api_version") or "", created,
              obj.get("id") or "", body, json.dumps(headers),
-             1 if lease_s > 0 else 0, due, claimed_by if lease_s > 0 else ""],
+             1 if lease_s > 0 else 0, due, "inline" if lease_s > 0 else ""],
         )
         row = cursor.fetchone()
     if row is None:
