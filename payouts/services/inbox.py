@@ -339,11 +339,15 @@ def settlement(event: NewEvent | WebhookEvent, outcome: ProcessingOutcome,
 
 def event_settle(event: WebhookEvent, outcome: ProcessingOutcome) -> str:
     """Save a stored event's settlement (the event row is locked); its new status."""
-    fields = settlement(event, outcome, timezone.now())
+    _save(event, settlement(event, outcome, timezone.now()))
+    return event.status
+
+
+def _save(event: WebhookEvent, fields: dict[str, Any]) -> None:
+    """Write ``fields`` to the (locked) event row, and to ``event``."""
     for field, value in fields.items():
         setattr(event, field, value)
     event.save(update_fields=list(fields))
-    return event.status
 
 
 def event_postpone(event_id: int, reason: str, *, counted: bool) -> ProcessingOutcome:
@@ -369,9 +373,7 @@ def event_fail(event_id: int, error: str) -> ProcessingOutcome:
         fields: dict[str, Any] = {"last_error": error}
         if event.status in WebhookEvent.PENDING:
             fields.update(_failed_attempt(event, error, timezone.now()), claimed_by="")
-        for field, value in fields.items():
-            setattr(event, field, value)
-        event.save(update_fields=list(fields))
+        _save(event, fields)
     return ProcessingOutcome(Outcome.FAILED, error, status_after=event.status)
 
 
@@ -451,21 +453,24 @@ def claim_due(*, worker: str, limit: int) -> list[int]:
         return [row[0] for row in cursor.fetchall()]
 
 
+def _abandoned(limit: int) -> list[int]:
+    with connection.cursor() as cursor:
+        cursor.execute(ABANDONED_SQL, {"limit": limit})
+        return [row[0] for row in cursor.fetchall()]
+
+
 def settle_abandoned(*, limit: int = 100) -> int:
     """Attempts whose worker stopped before finishing them count as failed attempts: each
     is put on the event's timeline, and the event is retried or given up by the policy."""
+    if not _abandoned(limit):  # the usual answer, in one round trip before every claim
+        return 0
     now = timezone.now()
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(ABANDONED_SQL, {"limit": limit})
-            ids = [row[0] for row in cursor.fetchall()]
+        ids = _abandoned(limit)  # again, locked now until the transaction ends
         for event in WebhookEvent.objects.filter(pk__in=ids).defer("raw_body", "headers"):
             error = (f"attempt {event.attempts} by {event.claimed_by} stopped before it "
                      "finished (its lease ran out)")
-            fields = {**_failed_attempt(event, error, now), "claimed_by": ""}
-            for field, value in fields.items():
-                setattr(event, field, value)
-            event.save(update_fields=list(fields))
+            _save(event, {**_failed_attempt(event, error, now), "claimed_by": ""})
             attempt_record(event.pk, Trigger.ABANDONED, now, ProcessingOutcome(
                 Outcome.FAILED, error, status_after=event.status), error=error)
     if ids:
