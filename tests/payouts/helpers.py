@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,3 +153,63 @@ def run_worker(
 def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "manage.py", "process_webhooks", *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# --- the ledger, seen from a test -------------------------------------------------------
+
+
+def ledger_state(payout: Any) -> dict[str, Any]:
+    """Everything processing may change about a payout, its transactions and transfers."""
+    from payouts.models import PaymentTransaction, PaymentTransfer, Payout
+
+    payout = Payout.objects.get(pk=payout.pk)
+    txns = PaymentTransaction.objects.filter(transfers__payout_items__payout=payout).order_by("id")
+    transfers = PaymentTransfer.objects.filter(payout_items__payout=payout).order_by("id")
+    return {
+        "payout": {field: getattr(payout, field) for field in (
+            "stripe_payout_id", "status", "arrival_date", "failure_code", "failure_message",
+            "metadata", "reversed_by", "reversed_at", "review_reason", "last_event_id",
+            "last_event_type", "last_event_created", "events_applied", "updated_at")},
+        "txns": [(t.pk, t.payed_out, t.actual_release_date) for t in txns],
+        "transfers": [(t.pk, t.status) for t in transfers],
+    }
+
+
+def drain(rounds: int = 20) -> None:
+    """Process what waits (received or failed), as workers would once it is due, until
+    nothing waits or nothing moves any more."""
+    from payouts.models import WebhookEvent, WebhookEventAttempt
+    from payouts.services.processing import event_process
+
+    for _ in range(rounds):
+        waiting = list(WebhookEvent.objects.filter(status__in=WebhookEvent.PENDING)
+                       .values_list("pk", flat=True))
+        outcomes = [event_process(event_id=pk, trigger="worker").kind for pk in waiting]
+        if all(kind == WebhookEventAttempt.Outcome.RETRY for kind in outcomes):
+            return
+
+
+def run_together(*jobs: Any) -> list[Any]:
+    """Run each job in its own thread (own connection), released at once by a Barrier;
+    each job's result, or the exception it raised."""
+    from django.db import connections
+
+    barrier = threading.Barrier(len(jobs))
+    results: list[Any] = [None] * len(jobs)
+
+    def run(index: int, job: Any) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[index] = job()
+        except BaseException as exc:  # reported by the test, never lost in the thread
+            results[index] = exc
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    return results

@@ -12,7 +12,6 @@ processed as the workers would. Then the ledger must match a simple model, and
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connections
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,7 +28,7 @@ from payouts.models import PaymentTransaction, PaymentTransfer, Payout, WebhookE
 from payouts.services import inbox
 from payouts.services.processing import event_process, event_receive, event_replay
 from tests.factories import make_payout, make_seller
-from tests.payouts.helpers import payout_event
+from tests.payouts.helpers import drain, payout_event, run_together
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -119,37 +117,8 @@ def together(jobs: list[Any]) -> None:
     if len(jobs) == 1:
         jobs[0]()
         return
-    barrier = threading.Barrier(len(jobs))
-    errors: list[BaseException] = []
-
-    def run(job: Any) -> None:
-        try:
-            barrier.wait(timeout=30)
-            job()
-        except BaseException as exc:  # reported below, never lost in the thread
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a delivery thread hung"
-    assert not errors, errors
-
-
-def drain() -> None:
-    """What waits (a reversal's event before its payout.created, a busy delivery) is
-    processed as the workers would, until nothing waits."""
-    for _ in range(20):
-        waiting = list(WebhookEvent.objects.filter(status__in=WebhookEvent.PENDING)
-                       .values_list("pk", flat=True))
-        if not waiting:
-            return
-        for pk in waiting:
-            event_process(event_id=pk, trigger="worker")
+    failures = [r for r in run_together(*jobs) if isinstance(r, BaseException)]
+    assert not failures, failures
 
 
 def check(stories: list[Story]) -> None:

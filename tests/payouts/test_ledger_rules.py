@@ -23,7 +23,7 @@ from payouts.services.ledger import METADATA_KEY
 from payouts.services.outcome import Outcome
 from payouts.services.processing import event_process, event_replay
 from tests.factories import make_payout, make_seller
-from tests.payouts.helpers import Server, deliver, payout_event
+from tests.payouts.helpers import Server, deliver, drain, ledger_state, payout_event
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,40 +50,15 @@ def stored(event: dict[str, Any]) -> WebhookEvent:
     return WebhookEvent.objects.get(stripe_event_id=event["id"])
 
 
-def drain() -> None:
-    """Process what waits (failed), as workers would once it is due, until nothing moves."""
-    for _ in range(10):
-        waiting = list(WebhookEvent.objects.filter(status__in=WebhookEvent.PENDING)
-                       .values_list("pk", flat=True))
-        outcomes = [event_process(event_id=pk, trigger="worker").kind for pk in waiting]
-        if all(kind == Outcome.RETRY for kind in outcomes):
-            return
-
-
-def ledger(payout: Payout) -> dict[str, Any]:
-    """Everything processing may change about a payout and its money."""
-    payout = Payout.objects.get(pk=payout.pk)
-    txns = PaymentTransaction.objects.filter(transfers__payout_items__payout=payout).order_by("id")
-    transfers = PaymentTransfer.objects.filter(payout_items__payout=payout).order_by("id")
-    return {
-        "payout": {field: getattr(payout, field) for field in (
-            "stripe_payout_id", "status", "arrival_date", "failure_code", "failure_message",
-            "metadata", "reversed_by", "reversed_at", "review_reason", "last_event_id",
-            "events_applied", "updated_at")},
-        "txns": [(t.pk, t.payed_out, t.actual_release_date) for t in txns],
-        "transfers": [(t.pk, t.status) for t in transfers],
-    }
-
-
 def released(payout: Payout) -> bool:
     """Every transaction of the payout is owed again, and its transfers stand as failed."""
-    state = ledger(payout)
+    state = ledger_state(payout)
     return (all(not paid and at is None for _, paid, at in state["txns"])
             and {status for _, status in state["transfers"]} == {"failed"})
 
 
 def paid_out(payout: Payout) -> bool:
-    return all(paid and at is not None for _, paid, at in ledger(payout)["txns"])
+    return all(paid and at is not None for _, paid, at in ledger_state(payout)["txns"])
 
 
 @pytest.fixture
@@ -98,14 +73,14 @@ def staff() -> User:
 def test_failed_and_canceled_release_every_transaction(inline_server, status):
     payout = make_payout(status="pending", transactions=3)
     other = make_payout(payout.seller, status="pending", transactions=2)
-    other_before = ledger(other)
+    other_before = ledger_state(other)
 
     assert send(inline_server, evt(f"payout.{status}", payout.stripe_payout_id, at=10)) == \
         "processed"
 
     assert Payout.objects.get(pk=payout.pk).status == status
     assert released(payout)
-    assert ledger(other) == other_before
+    assert ledger_state(other) == other_before
 
 
 # --- 2. an event that disagrees with our ledger is held -----------------------------------
@@ -139,7 +114,7 @@ def test_a_failed_event_that_disagrees_is_held_and_moves_nothing(inline_server, 
     held with each field and both values; the payout and its money are untouched, and no
     worker tries it again."""
     payout = make_payout(status="paid", transactions=3)
-    before = ledger(payout)
+    before = ledger_state(payout)
     changes, expected = MISMATCHES[kind]
     event = evt("payout.failed", payout.stripe_payout_id, at=10, **changes(payout))
 
@@ -151,10 +126,10 @@ def test_a_failed_event_that_disagrees_is_held_and_moves_nothing(inline_server, 
               "plus_one": payout.amount + 1}
     for text in expected:
         assert text.format(**values) in row.status_reason, row.status_reason
-    assert ledger(payout) == before
+    assert ledger_state(payout) == before
     assert inbox.claim_due(worker="test", limit=10) == []
     assert event_process(event_id=row.pk, trigger="worker").reason == "already held"
-    assert ledger(payout) == before
+    assert ledger_state(payout) == before
 
 
 def test_a_seller_event_for_a_platform_payout_is_held(inline_server):
@@ -272,7 +247,7 @@ def test_a_held_event_is_checked_again_on_replay(inline_server, staff):
 
 def test_a_held_event_is_dismissed_with_who_and_why(inline_server, staff):
     payout = make_payout(status="paid", transactions=2)
-    before = ledger(payout)
+    before = ledger_state(payout)
     event = evt("payout.failed", payout.stripe_payout_id, at=5, currency="eur")
     assert send(inline_server, event) == "held"
     row = stored(event)
@@ -290,7 +265,7 @@ def test_a_held_event_is_dismissed_with_who_and_why(inline_server, staff):
     dismissal = row.attempts_log.get(trigger="dismiss")
     assert (dismissal.requested_by, dismissal.outcome) == (staff, "skipped")
     assert dismissal.reason == row.status_reason
-    assert ledger(payout) == before
+    assert ledger_state(payout) == before
     with pytest.raises(inbox.CannotDismiss, match="is skipped, not held"):
         inbox.event_dismiss(event_id=row.pk, requested_by=staff, reason="again")
 
@@ -450,14 +425,14 @@ def test_the_same_status_in_the_same_second_changes_nothing_and_asks_for_review(
     twin = evt("payout.updated", payout.stripe_payout_id, "paid", at=30,
                arrival_date=T0 + 5 * 86400, metadata={"twin": "yes"})
     assert send(inline_server, paid) == "processed"
-    after_first = ledger(payout)["payout"]
+    after_first = ledger_state(payout)["payout"]
 
     assert send(inline_server, twin) == "skipped"
 
     row = stored(twin)
     assert row.status_reason.startswith("same second and status as the applied event "
                                         f"{paid['id']}")
-    now = ledger(payout)["payout"]
+    now = ledger_state(payout)["payout"]
     assert (now["arrival_date"], now["metadata"], now["events_applied"]) == (
         after_first["arrival_date"], after_first["metadata"], 1)
     assert f"{twin['id']} came in the same second as {paid['id']}" in now["review_reason"]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from django.db import connection, connections
+from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -27,7 +26,7 @@ from payouts.services.ledger import update_payout_from_webhook
 from payouts.services.outcome import Outcome, ProcessingOutcome
 from payouts.services.processing import event_process, event_receive
 from tests.factories import make_payout, make_seller
-from tests.payouts.helpers import payout_event
+from tests.payouts.helpers import ledger_state, payout_event, run_together
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -83,19 +82,6 @@ def txns_of(payout: Payout) -> list[PaymentTransaction]:
 
 def transfers_of(payout: Payout) -> list[PaymentTransfer]:
     return list(PaymentTransfer.objects.filter(payout_items__payout=payout).order_by("id"))
-
-
-def ledger_state(payout: Payout) -> dict[str, Any]:
-    """Everything processing may change about a payout, its transactions and transfers."""
-    payout = Payout.objects.get(pk=payout.pk)
-    return {
-        "payout": {field: getattr(payout, field) for field in (
-            "status", "arrival_date", "failure_code", "failure_message", "metadata",
-            "last_event_id", "last_event_type", "last_event_created", "events_applied",
-            "updated_at")},
-        "txns": [(t.pk, t.payed_out, t.actual_release_date) for t in txns_of(payout)],
-        "transfers": [(t.pk, t.status) for t in transfers_of(payout)],
-    }
 
 
 def new_payout_id() -> str:
@@ -510,29 +496,6 @@ def test_a_retry_with_attempts_left_stays_failed(settings):
 
 
 # --- concurrency -------------------------------------------------------------------------
-
-
-def run_together(*jobs: Any) -> list[Any]:
-    """Run each job in its own thread (own connection), released at once by a Barrier."""
-    barrier = threading.Barrier(len(jobs))
-    results: list[Any] = [None] * len(jobs)
-
-    def run(index: int, job: Any) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[index] = job()
-        except BaseException as exc:  # reported by the test, never lost in the thread
-            results[index] = exc
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a processing thread hung"
-    return results
 
 
 def test_two_events_of_one_payout_processed_at_once_end_at_the_newest():

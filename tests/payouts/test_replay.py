@@ -11,12 +11,12 @@ from django.contrib.auth.models import User
 from django.db import connections
 
 from payouts import stripe_events
-from payouts.models import PaymentTransaction, Payout, Seller, TransactionLog, WebhookEvent
+from payouts.models import Seller, TransactionLog, WebhookEvent
 from payouts.services import inbox
 from payouts.services.outcome import Outcome, ProcessingOutcome
 from payouts.services.processing import event_process, event_replay
 from tests.factories import make_payout, make_seller
-from tests.payouts.helpers import payout_event
+from tests.payouts.helpers import ledger_state, payout_event
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,19 +55,6 @@ def failed_event_of_unknown_payout(event_type: str = "payout.paid", status: str 
     row.refresh_from_db()
     assert row.status == WebhookEvent.Status.FAILED
     return row, po, seller
-
-
-def ledger_state(payout: Payout) -> dict[str, Any]:
-    payout = Payout.objects.get(pk=payout.pk)
-    txns = PaymentTransaction.objects.filter(transfers__payout_items__payout=payout).order_by("id")
-    return {
-        "payout": {field: getattr(payout, field) for field in (
-            "status", "arrival_date", "failure_code", "failure_message", "last_event_id",
-            "last_event_created", "events_applied", "updated_at")},
-        "txns": [(t.pk, t.payed_out, t.actual_release_date) for t in txns],
-        "transfers": sorted(payout.payout_items.values_list("payment_transfer_id",
-                                                            "payment_transfer__status")),
-    }
 
 
 @pytest.fixture

@@ -466,18 +466,24 @@ def test_a_saved_500_is_replayed_until_the_key_is_forgotten_then_looked_up_and_p
     assert not rerun[2].replayed  # the key was forgotten: a new request, made once
 
 
-def test_a_resume_past_23_hours_records_what_stripe_made_and_sends_nothing(
-        fake: FakeStripe, env: dict[str, str]) -> None:
-    """A crash after Stripe made the transfers and the payout, resumed 30 h later when
-    Stripe may have forgotten the keys: sending them blind could pay twice. The resume
-    finds both at Stripe, records them, and sends no write at all."""
+def crashed_after_stripe_made_the_payout(fake: FakeStripe, env: dict[str, str],
+                                         ) -> tuple[Seller, list[PaymentTransaction], Payout]:
+    """The command made the transfers and the payout at Stripe and died unanswered."""
     seller, txns = seller_owed()
     fake.hold("/v1/payouts", when="after")
     crashed = start(env)
     fake.wait_held(timeout=RUN_S)
     kill(crashed)
     fake.release()
-    payout = Payout.objects.get(seller=seller)
+    return seller, txns, Payout.objects.get(seller=seller)
+
+
+def test_a_resume_past_23_hours_records_what_stripe_made_and_sends_nothing(
+        fake: FakeStripe, env: dict[str, str]) -> None:
+    """A crash after Stripe made the transfers and the payout, resumed 30 h later when
+    Stripe may have forgotten the keys: sending them blind could pay twice. The resume
+    finds both at Stripe, records them, and sends no write at all."""
+    seller, txns, payout = crashed_after_stripe_made_the_payout(fake, env)
     assert payout.creation_state == Payout.Creation.RESERVED and payout.stripe_payout_id is None
     age(payout, fake, 30)
     seen = len(fake.requests)
@@ -676,18 +682,6 @@ def test_paid_webhook_before_phase_3_is_linked_and_kept(
     assert Payout.objects.count() == 1
     assert set(PaymentTransfer.objects.filter(payout_items__payout=payout)
                .values_list("status", flat=True)) == {PaymentTransfer.Status.PAID}
-
-
-def crashed_after_stripe_made_the_payout(fake: FakeStripe, env: dict[str, str],
-                                         ) -> tuple[Seller, list[PaymentTransaction], Payout]:
-    """The command made the transfers and the payout at Stripe and died unanswered."""
-    seller, txns = seller_owed()
-    fake.hold("/v1/payouts", when="after")
-    crashed = start(env)
-    fake.wait_held(timeout=RUN_S)
-    kill(crashed)
-    fake.release()
-    return seller, txns, Payout.objects.get(seller=seller)
 
 
 def test_a_payout_stripe_failed_meanwhile_is_recorded_without_its_status(
