@@ -37,6 +37,16 @@ STRIPE_WEBHOOK_SECRETS = env_list("STRIPE_WEBHOOK_SECRET") or (
 # Creating transfers and payouts (create_payouts) calls Stripe's API with this key.
 STRIPE_API_KEY = os.environ.get("STRIPE_API_KEY", "")
 STRIPE_API_BASE = os.environ.get("STRIPE_API_BASE") or "https://api.stripe.com"
+# Each request's timeout; reads (never writes) are retried up to STRIPE_READ_ATTEMPTS
+# times within STRIPE_READ_DEADLINE_SECONDS.
+STRIPE_TIMEOUT_SECONDS = float(os.environ.get("STRIPE_TIMEOUT_SECONDS", "20"))
+STRIPE_READ_ATTEMPTS = int(os.environ.get("STRIPE_READ_ATTEMPTS", "5"))
+STRIPE_READ_DEADLINE_SECONDS = float(os.environ.get("STRIPE_READ_DEADLINE_SECONDS", "60"))
+# Stripe as the source of truth, run by the workers when STRIPE_API_KEY is set: missed
+# events listed from the Events API, and payouts compared with Stripe's.
+SYNC_EVENTS_MINUTES = float(os.environ.get("SYNC_EVENTS_MINUTES", "15"))
+SYNC_EVENTS_DAYS = int(os.environ.get("SYNC_EVENTS_DAYS", "3"))  # how far back each run lists
+RECONCILE_MINUTES = float(os.environ.get("RECONCILE_MINUTES", "60"))
 # A live deployment ignores test-mode events, and a test deployment live ones.
 STRIPE_LIVEMODE = env_bool("STRIPE_LIVEMODE", False)
 

@@ -28,6 +28,7 @@ from payouts import selectors
 from payouts.models import Payout, TransactionLog, WebhookEvent
 from payouts.services import inbox, seller_payouts
 from payouts.services.processing import event_replay
+from payouts.stripe_api import StripeNotConfigured
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +106,7 @@ def payout_resume_view(request: HttpRequest, pk: int) -> HttpResponse:
     try:
         done = seller_payouts.payout_resume(payout_id=payout.pk)
         messages.success(request, f"{done.reference}: {done.get_creation_state_display()}")
-    except (seller_payouts.PayoutStillPending, seller_payouts.StripeNotConfigured) as exc:
+    except (seller_payouts.PayoutStillPending, StripeNotConfigured) as exc:
         messages.error(request, str(exc))
     log.info("console.payout_resumed", user=request.user.get_username(), payout=payout.pk)
     return redirect("seller-payouts")

@@ -7,22 +7,30 @@ delays that event until its lease runs out; then the abandoned attempt is put on
 the event's timeline as failed, and the event is retried by the inbox's policy.
 Processing itself is idempotent, so a lease that runs out while its worker is
 still busy costs a second attempt, never a second effect.
+
+With ``STRIPE_API_KEY`` set, a worker also runs the scheduled jobs (sync_events,
+reconcile_payouts --apply) when they are due and it gets their lease
+(``payouts.services.jobs``), in a thread beside the event loop.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import structlog
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 
 from payouts.models import WebhookEventAttempt
-from payouts.services import inbox
+from payouts.services import inbox, jobs
 from payouts.services.processing import event_process
 
 log = structlog.get_logger(__name__)
+
+SCHEDULE_CHECK_S = 10.0  # how often a worker looks for a due scheduled job
+JOB_STOP_WAIT_S = 60.0  # on stop, how long to wait for a running job to notice
 
 
 class Worker:
@@ -32,6 +40,8 @@ class Worker:
         self.idle_sleep_s = idle_sleep_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._stopping = False
+        self._job: threading.Thread | None = None
+        self._schedule_checked = 0.0
 
     def stop(self) -> None:
         """Finish the event in hand, then leave (called from a signal handler)."""
@@ -55,6 +65,7 @@ class Worker:
                 claimed = []
                 if once:
                     raise
+            self.run_due_job(wait=once)
             for event_id in claimed:
                 if self._stopping:
                     break  # its lease runs out and another worker takes it
@@ -68,5 +79,36 @@ class Worker:
                 if once:
                     break
                 time.sleep(self.idle_sleep_s)
+        if self._job is not None:
+            self._job.join(JOB_STOP_WAIT_S)
         log.info("worker.stopped", worker=self.name, handled=handled)
         return handled
+
+    def run_due_job(self, *, wait: bool = False) -> None:
+        """Start a scheduled job that is due, if this worker gets its lease and is not
+        running one already; ``wait`` runs it to the end first (``--once``)."""
+        now = time.monotonic()
+        if (self._job is not None and self._job.is_alive()) or (
+                not wait and now - self._schedule_checked < SCHEDULE_CHECK_S):
+            return
+        self._schedule_checked = now
+        try:
+            job = jobs.next_due(self.name, lambda: self._stopping)
+        except Exception:
+            log.exception("worker.schedule_failed", worker=self.name)
+            return
+        if job is None:
+            return
+        self._job = threading.Thread(target=self._run_job, args=(job,), daemon=True,
+                                     name=f"job-{job.name}")
+        self._job.start()
+        if wait:
+            self._job.join()
+
+    def _run_job(self, job: jobs.Scheduled) -> None:
+        try:
+            job.run()
+        except Exception:
+            log.exception("worker.job_crashed", worker=self.name, job=job.name)
+        finally:
+            connection.close()  # this thread's own connection

@@ -1,12 +1,15 @@
+from payouts.models.jobs import JobRun, ScheduledJob
 from payouts.models.ledger import PaymentTransaction, PaymentTransfer, Payout, PayoutItem, Seller
 from payouts.models.txlog import TransactionLog
 from payouts.models.webhooks import WebhookEvent, WebhookEventAttempt, WebhookRejection
 
 __all__ = [
+    "JobRun",
     "PaymentTransaction",
     "PaymentTransfer",
     "Payout",
     "PayoutItem",
+    "ScheduledJob",
     "Seller",
     "TransactionLog",
     "WebhookEvent",

@@ -1,5 +1,7 @@
 """The webhook inbox: every verified delivery, its processing attempts, and rejections."""
 
+from datetime import datetime, timedelta
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -18,8 +20,19 @@ class WebhookEvent(models.Model):
         DEAD = "dead"  # retries exhausted; only a replay moves it
         HELD = "held"  # disagrees with our ledger: a person replays or dismisses it
 
+    class Source(models.TextChoices):
+        """How the event reached us."""
+
+        DELIVERY = "delivery", "webhook delivery"  # Stripe POSTed it to our endpoint
+        EVENTS_API = "events_api", "Events API"  # sync_events listed it: a missed delivery
+        # Not Stripe's event: Stripe's payout (GET /v1/payouts/…) as an event, made by
+        # reconcile_payouts, a Resync from the console, or for an unknown payout.
+        RESYNC = "resync", "resync from Stripe"
+
     # Statuses the worker picks up when due.
     PENDING = (Status.RECEIVED, Status.FAILED)
+    # Stripe's Events API keeps an event this long after it was created.
+    KEPT_BY_STRIPE = timedelta(days=30)
 
     stripe_event_id = models.CharField(max_length=255, unique=True)
     type = models.CharField(max_length=100)
@@ -32,6 +45,13 @@ class WebhookEvent(models.Model):
     raw_body = models.BinaryField(help_text="the request body exactly as received")
     headers = models.JSONField(default=dict, blank=True, help_text="sanitised request headers")
     received_at = models.DateTimeField(auto_now_add=True)
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.DELIVERY,
+                              db_default=Source.DELIVERY)
+    # Who or what asked for it, for events we fetched or made ("sync_events (schedule)",
+    # "Resync from Stripe by alice"); the user too when a person asked.
+    source_detail = models.CharField(max_length=200, blank=True, default="", db_default="")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL,
+                                     null=True, blank=True, related_name="+")
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
     status_reason = models.TextField(blank=True, default="")
@@ -64,6 +84,13 @@ class WebhookEvent(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("event-detail", args=[self.pk])
+
+    @property
+    def kept_by_stripe_until(self) -> datetime | None:
+        """Until when Stripe's Events API still lists it (None: not Stripe's event)."""
+        if self.source == self.Source.RESYNC:
+            return None
+        return self.stripe_created + self.KEPT_BY_STRIPE
 
 
 class WebhookEventAttempt(models.Model):

@@ -71,7 +71,7 @@ def verify_delivery(
         payload = json.loads(text)
     except ValueError:
         raise Rejected("invalid_json", "the body is not JSON") from None
-    problem = _event_shape_problem(payload)
+    problem = event_shape_problem(payload)
     if problem:
         raise Rejected("not_an_event", problem)
     return payload  # type: ignore[no-any-return]
@@ -107,7 +107,7 @@ def _storable_text(value: Any, max_length: int, prefix: str = "") -> bool:
     return "\x00" not in value
 
 
-def _event_shape_problem(payload: Any) -> str | None:
+def event_shape_problem(payload: Any) -> str | None:
     """What makes ``payload`` not a Stripe v1 event we can store, or None."""
     if not isinstance(payload, dict):
         return "the JSON is not an object"
@@ -155,6 +155,22 @@ def sanitised_headers(headers: Any) -> dict[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Origin:
+    """How an event reached us, and who or what asked for it when we fetched or made it."""
+
+    source: str = WebhookEvent.Source.DELIVERY
+    detail: str = ""
+    requested_by_id: int | None = None
+
+    def columns(self) -> dict[str, Any]:
+        return {"source": self.source, "source_detail": self.detail[:200],
+                "requested_by_id": self.requested_by_id}
+
+
+DELIVERED = Origin()
+
+
+@dataclass(frozen=True, slots=True)
 class NewEvent:
     """A delivery not stored yet: the fields of WebhookEvent the processor reads."""
 
@@ -164,16 +180,18 @@ class NewEvent:
     livemode: bool
     stripe_created: datetime
     received_at: datetime
+    origin: Origin = DELIVERED
     attempts: int = 1  # the inline attempt counts
     status: str = Status.RECEIVED
 
     @classmethod
-    def of(cls, payload: dict[str, Any], received_at: datetime) -> NewEvent:
+    def of(cls, payload: dict[str, Any], received_at: datetime,
+           origin: Origin = DELIVERED) -> NewEvent:
         return cls(stripe_event_id=payload["id"], type=payload["type"],
                    account=payload.get("account") or "",
                    livemode=bool(payload.get("livemode", False)),
                    stripe_created=datetime.fromtimestamp(payload["created"], tz=UTC),
-                   received_at=received_at)
+                   received_at=received_at, origin=origin)
 
 
 @dataclass(frozen=True)
@@ -183,7 +201,7 @@ class Recorded:
 
 
 def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], *,
-                 lease_s: float) -> Recorded:
+                 lease_s: float, origin: Origin = DELIVERED) -> Recorded:
     """Store a verified event once (its id is unique); a duplicate changes nothing.
 
     ``lease_s`` > 0 keeps workers off the event for that long, because the request
@@ -199,15 +217,18 @@ def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], 
             INSERT INTO {EVENT}
                 (stripe_event_id, type, account, livemode, api_version, stripe_created,
                  stripe_object_id, raw_body, headers, received_at, status, status_reason,
-                 attempts, next_attempt_at, claimed_by, last_error)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, now(), 'received', '', %s, %s, %s, '')
+                 attempts, next_attempt_at, claimed_by, last_error, source, source_detail,
+                 requested_by_id)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, now(), 'received', '', %s, %s, %s, '',
+                    %s, %s, %s)
             ON CONFLICT (stripe_event_id) DO NOTHING
             RETURNING id
             """,
             [payload["id"], payload["type"], payload.get("account") or "",
              bool(payload.get("livemode", False)), payload.get("api_version") or "", created,
              obj.get("id") or "", body, json.dumps(headers),
-             1 if lease_s > 0 else 0, due, "inline" if lease_s > 0 else ""],
+             1 if lease_s > 0 else 0, due, "inline" if lease_s > 0 else "",
+             *origin.columns().values()],
         )
         row = cursor.fetchone()
     if row is None:
@@ -243,11 +264,13 @@ WITH event AS (
     INSERT INTO {EVENT}
         (stripe_event_id, type, account, livemode, api_version, stripe_created,
          stripe_object_id, raw_body, headers, received_at, status, status_reason,
-         attempts, next_attempt_at, claimed_by, last_error, processed_at)
+         attempts, next_attempt_at, claimed_by, last_error, processed_at, source,
+         source_detail, requested_by_id)
     VALUES (%(stripe_event_id)s, %(type)s, %(account)s, %(livemode)s, %(api_version)s,
             %(stripe_created)s, %(stripe_object_id)s, %(raw_body)s, %(headers)s,
             %(received_at)s, %(status)s, %(status_reason)s, %(attempts)s,
-            %(next_attempt_at)s, '', %(last_error)s, %(processed_at)s)
+            %(next_attempt_at)s, '', %(last_error)s, %(processed_at)s, %(source)s,
+            %(source_detail)s, %(requested_by_id)s)
     ON CONFLICT (stripe_event_id) DO NOTHING
     RETURNING id
 )
@@ -276,7 +299,7 @@ def event_store_settled(event: NewEvent, outcome: ProcessingOutcome, payload: di
             "stripe_object_id": payload["data"]["object"].get("id") or "",
             "attempts": event.attempts, "raw_body": body, "headers": json.dumps(headers),
             "received_at": event.received_at, "trigger": Trigger.INLINE,
-            "outcome": outcome.kind, **settled,
+            "outcome": outcome.kind, **settled, **event.origin.columns(),
         })
         row = cursor.fetchone()
     return None if row is None else (row[0], settled["status"])

@@ -309,7 +309,8 @@ def _payout_create(event: EventFacts, payout_object: dict[str, Any], *,
     because a webhook can beat the commit of a payout we are creating ourselves."""
     stripe_payout_id = payout_object["id"]
     if event.type != "payout.created":
-        return ProcessingOutcome(Outcome.RETRY, f"payout {stripe_payout_id} is not known yet")
+        return ProcessingOutcome(Outcome.RETRY, f"payout {stripe_payout_id} is not known yet",
+                                 missing_payout=stripe_payout_id)
     seller = None
     if event.account:
         seller = Seller.objects.filter(stripe_account_id=event.account).first()
@@ -321,7 +322,8 @@ def _payout_create(event: EventFacts, payout_object: dict[str, Any], *,
         original = _lock("stripe_payout_id", original_stripe_id, nowait=nowait)
         if original is None:
             return ProcessingOutcome(Outcome.RETRY, f"payout {original_stripe_id}, which "
-                                     f"{stripe_payout_id} reverses, is not known yet")
+                                     f"{stripe_payout_id} reverses, is not known yet",
+                                     missing_payout=original_stripe_id)
         # A reversal takes back exactly the original's money, on the same account.
         problems = transitions.disagreements(
             transitions.Ours(original.ours.account, -original.ours.amount,
@@ -399,3 +401,9 @@ def review_request(payout_id: int, reason: str) -> None:
     with connection.cursor() as cursor:
         cursor.execute(REVIEW_SQL, {"payout": payout_id, "reason": reason})
     log.warning("payout.review_requested", payout_pk=payout_id, reason=reason)
+
+
+@txutils.financial_transaction(operation="payout.review_requested")
+def flag_for_review(payout_id: int, reason: str) -> None:
+    """``review_request`` in a transaction of its own."""
+    review_request(payout_id, reason)

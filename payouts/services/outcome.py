@@ -17,3 +17,6 @@ class ProcessingOutcome:
     reason: str
     payout_id: int | None = None
     status_after: str = ""  # the event's status once settled
+    # The Stripe payout (po_…) the event waits for, when we do not know it: it may be
+    # fetched from Stripe instead of waiting for its payout.created.
+    missing_payout: str = ""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -26,10 +26,11 @@ from django.utils import timezone
 
 import txutils
 from payouts import transitions
-from payouts.models import WebhookEvent, WebhookEventAttempt
+from payouts.models import Seller, WebhookEvent, WebhookEventAttempt
 from payouts.services import inbox, ledger
 from payouts.services.inbox import NewEvent
 from payouts.services.outcome import Outcome, ProcessingOutcome
+from payouts.stripe_api import StripeKeyRefused, StripeMissing, StripeUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +71,8 @@ def event_process(
     error = tb = ""
     try:
         outcome = _process(event_id, trigger, nowait)
+        if outcome.missing_payout and settings.STRIPE_API_KEY:
+            outcome = _with_payout_fetched(event_id, trigger, nowait, outcome)
     except Exception as exc:
         _reconnect_if_lost()
         outcome, error, tb = _after_failure(event_id, exc, counted=trigger != Trigger.REPLAY)
@@ -92,6 +95,34 @@ def _process(event_id: int, trigger: str, nowait: bool) -> ProcessingOutcome:
     outcome = _run(event, json.loads(bytes(event.raw_body)), nowait=nowait)
     status = inbox.event_settle(event, outcome)
     return ProcessingOutcome(outcome.kind, outcome.reason, outcome.payout_id, status)
+
+
+def _with_payout_fetched(event_id: int, trigger: str, nowait: bool,
+                         waiting: ProcessingOutcome) -> ProcessingOutcome:
+    """The event names a payout we do not know, and Stripe can be asked: fetch it and
+    create it (when its seller is known), rather than wait for a ``payout.created``
+    that may never come; then run the event again."""
+    from payouts.services import stripe_sync  # it stores what it fetches through here
+
+    event = WebhookEvent.objects.only("stripe_event_id", "account", "source").get(pk=event_id)
+    stripe_payout_id = waiting.missing_payout
+    if event.source == WebhookEvent.Source.RESYNC:
+        return waiting  # Stripe's own answer named it: asking again would loop
+    if event.account and not Seller.objects.filter(stripe_account_id=event.account).exists():
+        return waiting  # its payout could not be created yet either
+    origin = inbox.Origin(WebhookEvent.Source.RESYNC,
+                          f"{event.stripe_event_id} named a payout we did not know")
+    try:
+        resync_id, fetched = stripe_sync.payout_fetch(stripe_payout_id, account=event.account,
+                                                      origin=origin)
+    except (StripeMissing, StripeUnavailable, StripeKeyRefused) as exc:
+        return replace(waiting, reason=f"{waiting.reason}; asking Stripe for it: {exc}")
+    if fetched.kind != Outcome.APPLIED:
+        return replace(waiting, reason=f"{waiting.reason}; fetched from Stripe as {resync_id}, "
+                                       f"which was {fetched.kind}: {fetched.reason}")
+    again = _process(event_id, trigger, nowait)
+    return replace(again, reason=f"{stripe_payout_id} fetched from Stripe ({resync_id}); "
+                                 f"{again.reason}")
 
 
 def _reconnect_if_lost() -> None:
@@ -146,7 +177,8 @@ class _AlreadyStored(Exception):
     """The event was stored before (a duplicate delivery): undo what this run applied."""
 
 
-def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str]) -> Received:
+def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str], *,
+                  origin: inbox.Origin = inbox.DELIVERED) -> Received:
     """Inline mode: store a verified event and apply it in ONE SERIALIZABLE transaction.
 
     The event row is written last, already settled, with its attempt: the common
@@ -162,14 +194,15 @@ def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str])
     if inbox.is_stored(payload["id"]):
         return Received(None, None)
     try:
-        return _store_and_apply(payload, body, headers, NewEvent.of(payload, received_at))
+        return _store_and_apply(payload, body, headers,
+                                NewEvent.of(payload, received_at, origin))
     except _AlreadyStored:
         return Received(None, None)
     except Exception as exc:
         failure = exc
     _reconnect_if_lost()
     recorded = inbox.event_record(payload, body, headers,
-                                  lease_s=settings.WEBHOOK_LEASE_SECONDS)
+                                  lease_s=settings.WEBHOOK_LEASE_SECONDS, origin=origin)
     if recorded.event_id is None:
         return Received(None, None)
     try:  # stored: from here on, nothing may undo the acknowledgement

@@ -38,7 +38,6 @@ from typing import Any
 
 import stripe
 import structlog
-from django.conf import settings
 from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
@@ -46,6 +45,7 @@ import txutils
 from payouts.models import PaymentTransaction, PaymentTransfer, Payout, PayoutItem, Seller
 from payouts.services import ledger
 from payouts.services.ledger import METADATA_KEY
+from payouts.stripe_api import stripe_client
 
 log = structlog.get_logger(__name__)
 
@@ -55,28 +55,12 @@ KEYS_TRUSTED_FOR = timedelta(hours=23)
 TRANSFER_KEY = "payout_console_transfer"  # our transfer's id, in its Stripe metadata
 
 
-class StripeNotConfigured(Exception):
-    pass
-
-
 class PayoutStillPending(Exception):
     """Stripe could not be reached or answered with a temporary error: run again."""
 
 
 class PayoutStillReserved(Exception):
     """The seller has a payout still reserved: it is finished before another is made."""
-
-
-def stripe_client() -> stripe.StripeClient:
-    if not settings.STRIPE_API_KEY:
-        raise StripeNotConfigured(
-            "STRIPE_API_KEY is not set: paying sellers needs the platform's Stripe secret key "
-            "(sk_live_… or sk_test_…); STRIPE_API_BASE may point at another API host."
-        )
-    return stripe.StripeClient(settings.STRIPE_API_KEY,
-                               base_addresses={"api": settings.STRIPE_API_BASE},
-                               # the next run is the retry: visible, and with the same keys
-                               max_network_retries=0)
 
 
 def idempotency_key(payout: Payout, what: str) -> str:
@@ -268,7 +252,7 @@ def _look_up(payout: Payout, account: str, made: dict[int, str], submitted_at: d
 
 
 def _hold_for_review(payout: Payout, reason: str) -> None:
-    flag_for_review(payout.pk, reason)
+    ledger.flag_for_review(payout.pk, reason)
     raise PayoutStillPending(f"{payout.reference}: {reason}")
 
 
@@ -277,11 +261,6 @@ def _transfers_record(made: dict[int, str]) -> None:
     for transfer_id, stripe_transfer_id in made.items():
         PaymentTransfer.objects.filter(pk=transfer_id, stripe_transfer_id__isnull=True).update(
             stripe_transfer_id=stripe_transfer_id)
-
-
-@txutils.financial_transaction(operation="payout.review_requested")
-def flag_for_review(payout_id: int, reason: str) -> None:
-    ledger.review_request(payout_id, reason)
 
 
 def _is_final(exc: stripe.StripeError) -> bool:
@@ -362,7 +341,7 @@ def _release_refused(payout: Payout, error: stripe.StripeError, note: str = "") 
     reason = (f"Stripe refused a request for it ({type(error).__name__}: "
               f"{error.user_message or error}), but {_stripe_made_it(payout)}: its money was "
               f"not released{note}; check it against Stripe")
-    flag_for_review(payout.pk, reason)
+    ledger.flag_for_review(payout.pk, reason)
     log.error("payout.release_refused", reference=payout.reference, reason=reason)
     raise PayoutStillPending(f"{payout.reference}: {reason}")
 

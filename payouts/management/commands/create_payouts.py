@@ -7,11 +7,8 @@ from django.utils import timezone
 
 from payouts.models import Seller
 from payouts.services import seller_payouts
-from payouts.services.seller_payouts import (
-    PayoutStillPending,
-    PayoutStillReserved,
-    StripeNotConfigured,
-)
+from payouts.services.seller_payouts import PayoutStillPending, PayoutStillReserved
+from payouts.stripe_api import StripeNotConfigured, stripe_client
 
 
 class Command(BaseCommand):
@@ -34,7 +31,7 @@ class Command(BaseCommand):
             self._dry_run(only, today)
             return
         try:
-            client = seller_payouts.stripe_client()
+            client = stripe_client()
         except StripeNotConfigured as exc:
             raise CommandError(str(exc)) from exc
 

@@ -1,0 +1,44 @@
+"""List the payout events Stripe has and we lack, and process them (reads only)."""
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from payouts.models import JobRun
+from payouts.services import jobs
+from payouts.services.stripe_sync import SYNC_MAX_DAYS
+from payouts.stripe_api import StripeNotConfigured, stripe_client
+
+
+class Command(BaseCommand):
+    help = ("List payout.* events from Stripe's Events API for the platform and every seller's "
+            "connected account, and process each one not stored yet, as a delivery would be. "
+            "Only reads Stripe. Exit 2 when the run failed (bad key, Stripe unreachable).")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--days", type=int, default=3,
+                            help=f"how far back to list (1-{SYNC_MAX_DAYS}; Stripe keeps "
+                                 "events 30 days)")
+
+    def handle(self, *args: Any, days: int, **options: Any) -> None:
+        if not 1 <= days <= SYNC_MAX_DAYS:
+            raise CommandError(f"--days must be 1 to {SYNC_MAX_DAYS}: Stripe keeps events "
+                               "30 days")
+        try:
+            stripe_client()
+        except StripeNotConfigured as exc:
+            raise CommandError(str(exc), returncode=2) from exc
+        run = jobs.sync_events(days=days, trigger=JobRun.Trigger.COMMAND,
+                               tick=jobs.Progress(self.stderr.write))
+        for account in run.findings:
+            self.stdout.write(
+                f"{account['account'] or 'platform'}: listed {account['listed']}, new "
+                f"{account['new']}, applied {account['applied']}, held {account['held']}, "
+                f"waiting {account['waiting']}, unchanged {account['unchanged']}"
+                + (f", refused {account['refused']}" if account["refused"] else ""))
+        if run.status == JobRun.Status.FAILED:
+            raise CommandError(run.error, returncode=2)
+        totals = run.counts
+        self.stdout.write(f"sync_events: {totals['accounts']} account(s), listed "
+                          f"{totals['listed']}, new {totals['new']}, applied {totals['applied']}, "
+                          f"held {totals['held']}, waiting {totals['waiting']}")

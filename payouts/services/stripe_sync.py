@@ -1,0 +1,326 @@
+"""Stripe as the source of truth: what the webhooks missed, read back from Stripe's API.
+
+Webhooks are the fast path; Stripe's API is the record:
+
+* ``sync_events`` lists the ``payout.*`` events of the last days (the Events API
+  keeps 30) for the platform and every seller's connected account, and feeds each
+  one we have not stored through the inbox like a delivery (source ``events_api``);
+* ``reconcile`` compares payouts with ``GET /v1/payouts/{id}``; with ``apply``, each
+  drifted payout takes Stripe's state through the processor as a *resync* event:
+  the payout as Stripe returned it, stored in the inbox (so it is on the payout's
+  timeline, with who or what asked) and checked by the ledger's rules like any event;
+* ``payout_fetch`` does the same for a payout an event names that we do not know.
+
+Only reads go to Stripe (``StripeReader``): nothing here calls a write endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from payouts.models import Payout, Seller, WebhookEvent
+from payouts.services import inbox, ledger, processing
+from payouts.services.outcome import Outcome, ProcessingOutcome
+from payouts.stripe_api import Answer, StripeMissing, StripeReader, StripeUnavailable
+
+log = structlog.get_logger(__name__)
+
+SYNC_MAX_DAYS = 30  # how long the Events API keeps an event
+CHANGED_RECENTLY = timedelta(days=7)  # reconcile also checks payouts changed since
+GIVE_UP_AFTER_UNAVAILABLE = 3  # payouts in a row Stripe could not answer for: stop the run
+# The event a resync is stored as: the type Stripe sends for the payout's status.
+RESYNC_TYPE = {Payout.Status.PAID: "payout.paid", Payout.Status.FAILED: "payout.failed",
+               Payout.Status.CANCELED: "payout.canceled"}
+Source = WebhookEvent.Source
+Tick = Callable[[str], None]  # told what is going on: for progress and the job's lease
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+# --- resync events -------------------------------------------------------------------------
+
+
+def resync_event(answer: Answer, *, account: str, known: bool) -> dict[str, Any]:
+    """Stripe's payout (``answer`` of ``GET /v1/payouts/{id}``) as an event for the
+    processor: ``payout.created`` for a payout we do not know, else the type Stripe
+    sends for its status. It is as new as Stripe's answer (Stripe's clock, from the
+    ``Date`` header), so events older than it are skipped and newer ones apply."""
+    payout_object = answer.data
+    status = str(payout_object.get("status") or "")
+    return {
+        "id": f"resync_{secrets.token_hex(12)}",
+        "object": "event",
+        "type": RESYNC_TYPE.get(status, "payout.updated") if known else "payout.created",
+        "created": int(answer.stripe_time.timestamp()),
+        "livemode": bool(payout_object.get("livemode", False)),
+        "api_version": None,
+        "account": account or None,
+        "data": {"object": payout_object},
+        "request": {"id": answer.request_id or None, "idempotency_key": None},
+    }
+
+
+def _resync_store(answer: Answer, *, account: str, known: bool,
+                  origin: inbox.Origin) -> tuple[str, ProcessingOutcome]:
+    """Store Stripe's payout as a resync event and process it now; its id and outcome."""
+    event = resync_event(answer, account=account, known=known)
+    received = processing.event_receive(event, json.dumps(event).encode(),
+                                        {"request-id": answer.request_id}, origin=origin)
+    assert received.outcome is not None, "a resync event's id is new"
+    return event["id"], received.outcome
+
+
+def payout_fetch(stripe_payout_id: str, *, account: str, origin: inbox.Origin,
+                 reader: StripeReader | None = None) -> tuple[str, ProcessingOutcome]:
+    """A payout an event names that we do not know: fetch it from Stripe and create it
+    (a resync ``payout.created``). Raises ``StripeMissing`` when Stripe lacks it too."""
+    reader = reader or StripeReader()
+    answer = reader.get(f"/v1/payouts/{stripe_payout_id}", account=account)
+    event_id, outcome = _resync_store(answer, account=account, known=False, origin=origin)
+    log.info("stripe.payout_fetched", payout=stripe_payout_id, account=account or None,
+             resync_event=event_id, outcome=outcome.kind)
+    return event_id, outcome
+
+
+# --- sync_events ---------------------------------------------------------------------------
+
+
+@dataclass
+class AccountSync:
+    """What one account's listing gave."""
+
+    account: str  # "" for the platform
+    listed: int = 0
+    new: int = 0  # stored by this run
+    applied: int = 0
+    held: int = 0
+    waiting: int = 0  # stored, to be retried (e.g. its seller is not known yet)
+    unchanged: int = 0  # skipped or ignored: nothing to change
+    refused: int = 0  # not an event we can store (logged)
+
+
+@dataclass
+class SyncResult:
+    accounts: list[AccountSync] = field(default_factory=list)
+
+    def totals(self) -> dict[str, int]:
+        keys = [k for k in asdict(AccountSync("")) if k != "account"]
+        return {"accounts": len(self.accounts),
+                **{k: sum(getattr(a, k) for a in self.accounts) for k in keys}}
+
+
+TALLY = {Outcome.APPLIED: "applied", Outcome.HELD: "held", Outcome.SKIPPED: "unchanged",
+         Outcome.IGNORED: "unchanged", Outcome.RETRY: "waiting", Outcome.FAILED: "waiting"}
+
+
+def sync_events(*, days: int, origin: inbox.Origin, reader: StripeReader | None = None,
+                tick: Tick = quiet) -> SyncResult:
+    """List the ``payout.*`` events of the last ``days`` for the platform and every
+    seller, and process each one we have not stored, oldest first. Safe to run twice,
+    or twice at once: an event is stored once (its id is unique)."""
+    if not 1 <= days <= SYNC_MAX_DAYS:
+        raise ValueError(f"days must be 1 to {SYNC_MAX_DAYS} (Stripe keeps events 30 days)")
+    reader = reader or StripeReader()
+    since = int((timezone.now() - timedelta(days=days)).timestamp())
+    accounts = ["", *Seller.objects.order_by("id").values_list("stripe_account_id", flat=True)]
+    result = SyncResult()
+    for number, account in enumerate(accounts, 1):
+        result.accounts.append(_sync_account(account, since, reader, origin))
+        totals = result.totals()
+        tick(f"[{number}/{len(accounts)} accounts] listed {totals['listed']}, "
+             f"new {totals['new']}, applied {totals['applied']}, held {totals['held']}")
+    log.info("stripe.events_synced", days=days, **result.totals())
+    return result
+
+
+def _sync_account(account: str, since: int, reader: StripeReader,
+                  origin: inbox.Origin) -> AccountSync:
+    counts = AccountSync(account)
+    listed = list(reader.list_all("/v1/events", {"type": "payout.*", "created": {"gte": since}},
+                                  account=account))
+    counts.listed = len(listed)
+    stored = _stored([event.get("id") for event, _ in listed])
+    for event, page in reversed(listed):  # Stripe lists newest first: apply oldest first
+        if event.get("id") in stored:
+            continue
+        problem = inbox.event_shape_problem(event)
+        if problem:
+            counts.refused += 1
+            log.warning("stripe.event_refused", account=account or None,
+                        event=str(event.get("id"))[:80], problem=problem)
+            continue
+        if account and event.get("account") not in (None, account):
+            log.warning("stripe.event_account_differs", listed_under=account,
+                        event=event["id"], account_in_body=event.get("account"))
+        # Listed under the account's Stripe-Account: it is that account's event, whatever
+        # its body says. The body is kept exactly as Stripe listed it.
+        payload = {**event, "account": account} if account else event
+        received = processing.event_receive(
+            payload, json.dumps(event).encode(),
+            {"stripe-account": account, "request-id": page.request_id}, origin=origin)
+        if received.duplicate:  # a delivery or another run stored it meanwhile
+            continue
+        assert received.event_id is not None and received.outcome is not None
+        counts.new += 1
+        outcome = received.outcome
+        if outcome.missing_payout:  # fetched from Stripe now, not at the next retry
+            outcome = processing.event_process(event_id=received.event_id,
+                                               trigger=processing.Trigger.WORKER,
+                                               worker="sync_events")
+        setattr(counts, TALLY[outcome.kind], getattr(counts, TALLY[outcome.kind]) + 1)
+    return counts
+
+
+def _stored(event_ids: list[Any]) -> set[str]:
+    ids = [i for i in event_ids if isinstance(i, str)]
+    found: set[str] = set()
+    for start in range(0, len(ids), 1000):
+        found.update(WebhookEvent.objects.filter(stripe_event_id__in=ids[start:start + 1000])
+                     .values_list("stripe_event_id", flat=True))
+    return found
+
+
+# --- reconcile_payouts ---------------------------------------------------------------------
+
+
+def payouts_to_reconcile() -> QuerySet[Payout]:
+    """Payouts Stripe may see otherwise: not final yet (pending, in transit, stuck past
+    arrival), marked for review (ties, refusals) or changed in the last 7 days."""
+    recently = timezone.now() - CHANGED_RECENTLY
+    return (Payout.objects.filter(stripe_payout_id__isnull=False)
+            .filter(Q(status__in=[Payout.Status.PENDING, Payout.Status.IN_TRANSIT])
+                    | ~Q(review_reason="") | Q(updated_at__gte=recently))
+            .select_related("seller").order_by("id"))
+
+
+def _unix(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def _shown(name: str, value: Any) -> str:
+    if value is None or value == "":
+        return "none"
+    if name == "arrival_date" and isinstance(value, int):
+        return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return str(value)
+
+
+def differences(payout: Payout, stripe_payout: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each compared field where our payout differs from Stripe's: (ours, Stripe's)."""
+    ours = {"status": payout.status, "amount": payout.amount,
+            "currency": payout.currency.lower(), "arrival_date": _unix(payout.arrival_date),
+            "failure_code": payout.failure_code or None}
+    currency = stripe_payout.get("currency")
+    theirs = {"status": stripe_payout.get("status"), "amount": stripe_payout.get("amount"),
+              "currency": currency.lower() if isinstance(currency, str) else currency,
+              "arrival_date": stripe_payout.get("arrival_date"),
+              "failure_code": stripe_payout.get("failure_code") or None}
+    return {name: (_shown(name, ours[name]), _shown(name, theirs[name]))
+            for name in ours if ours[name] != theirs[name]}
+
+
+@dataclass
+class Drift:
+    """A payout that differs from Stripe's, or that Stripe does not know."""
+
+    payout_id: int
+    stripe_payout_id: str
+    account: str
+    fields: dict[str, tuple[str, str]] = field(default_factory=dict)
+    missing: bool = False  # Stripe answered 404
+    applied: str = ""  # with --apply: what the processor did ("applied", "held: …")
+    event: str = ""  # with --apply: the resync event's id
+
+    def line(self) -> str:
+        if self.missing:
+            what = "missing at Stripe (404); kept, marked for review" if self.applied else \
+                "missing at Stripe (404)"
+        else:
+            what = "; ".join(f"{name}: ours {ours}, Stripe {stripe}"
+                             for name, (ours, stripe) in self.fields.items())
+        done = f"  -> {self.applied}" if self.applied and not self.missing else ""
+        return f"{self.stripe_payout_id} ({self.account or 'platform'}): {what}{done}"
+
+
+@dataclass
+class ReconcileResult:
+    checked: int = 0
+    drifts: list[Drift] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # payouts Stripe could not answer for
+
+    def counts(self) -> dict[str, int]:
+        applied = [d for d in self.drifts if d.applied.startswith(Outcome.APPLIED)]
+        return {"checked": self.checked, "drifted": sum(not d.missing for d in self.drifts),
+                "missing": sum(d.missing for d in self.drifts), "applied": len(applied),
+                "not_applied": sum(bool(d.applied) and not d.missing for d in self.drifts)
+                - len(applied), "errors": len(self.errors)}
+
+
+def reconcile(payouts: Iterable[Payout], *, apply: bool, origin: inbox.Origin,
+              reader: StripeReader | None = None, tick: Tick = quiet) -> ReconcileResult:
+    """Compare each payout with Stripe's (status, amount, currency, arrival date, failure
+    code). With ``apply``, bring each drifted one to Stripe's state through the processor;
+    one it does not apply (held: amount or currency differ; skipped: against the rules)
+    is marked for review, as is a payout Stripe does not know. Nothing is deleted."""
+    reader = reader or StripeReader()
+    result = ReconcileResult()
+    unavailable = 0
+    for payout in payouts:
+        account = payout.seller.stripe_account_id if payout.seller else ""
+        assert payout.stripe_payout_id is not None
+        drift = Drift(payout.pk, payout.stripe_payout_id, account)
+        try:
+            answer = reader.get(f"/v1/payouts/{payout.stripe_payout_id}", account=account)
+        except StripeMissing:
+            drift.missing = True
+            answer = None
+        except StripeUnavailable as exc:
+            result.errors.append(f"{payout.stripe_payout_id}: {exc}")
+            unavailable += 1
+            if unavailable >= GIVE_UP_AFTER_UNAVAILABLE:
+                raise
+            continue
+        unavailable = 0
+        result.checked += 1
+        if answer is not None:
+            drift.fields = differences(payout, answer.data)
+        if drift.missing or drift.fields:
+            if apply:
+                _bring_to_stripe(drift, answer, origin)
+            result.drifts.append(drift)
+            log.warning("stripe.payout_drifted", payout=drift.stripe_payout_id,
+                        missing=drift.missing, fields=drift.fields, applied=drift.applied)
+        tick(f"checked {result.checked}, drifted {len(result.drifts)}")
+    return result
+
+
+def _bring_to_stripe(drift: Drift, answer: Answer | None, origin: inbox.Origin) -> None:
+    if answer is None:
+        ledger.flag_for_review(drift.payout_id, f"reconcile: Stripe does not know "
+                                                f"{drift.stripe_payout_id} (404); check it")
+        drift.applied = "marked for review"
+        return
+    drift.event, outcome = _resync_store(answer, account=drift.account, known=True,
+                                         origin=origin)
+    drift.applied = f"{outcome.kind}: {outcome.reason}" if outcome.reason else outcome.kind
+    if outcome.kind != Outcome.APPLIED:
+        fields = ", ".join(f"{name} {stripe}" for name, (_, stripe) in drift.fields.items())
+        ledger.flag_for_review(drift.payout_id, f"reconcile: Stripe has {fields}, not "
+                                                f"applied ({outcome.kind}: {outcome.reason})")
+
+
+def drift_findings(result: ReconcileResult) -> list[dict[str, Any]]:
+    return [{**asdict(d), "fields": {k: list(v) for k, v in d.fields.items()}}
+            for d in result.drifts]
+
