@@ -23,23 +23,38 @@ What it does like Stripe:
 * ``POST /v1/payouts`` is made on the connected account named by ``Stripe-Account``
   (this fake refuses it without one: the console never pays out platform money);
 * lists, newest first, ``limit`` and ``starting_after``: ``GET /v1/transfers``
-  (``transfer_group``), ``GET /v1/payouts`` on the ``Stripe-Account`` (``created[gte]``).
+  (``transfer_group``), ``GET /v1/payouts`` on the ``Stripe-Account`` (``created[gte]``);
+* ``GET /v1/payouts/{id}`` finds a payout only on the account it belongs to (404
+  ``resource_missing`` elsewhere, as Stripe does);
+* events: every payout change made here (``POST /v1/payouts``, ``add_payout``,
+  ``set_status``) records the event Stripe would send, on the payout's account.
+  ``GET /v1/events`` lists them newest first for the ``Stripe-Account`` (the
+  platform's without it), with ``type`` (one name, or a group such as ``payout.*``),
+  ``types[]``, ``created[gte|gt|lte|lt]``, ``limit``, ``starting_after`` and
+  ``ending_before``; events older than 30 days of the fake's clock are gone;
+* every answer has ``Request-Id`` and a ``Date`` from the fake's clock.
 
-Controls for tests: ``fail_payouts_for``, ``fail_next``, ``advance``, and crash points
-``hold(prefix, when="before"|"after")`` / ``wait_held`` / ``release``.
+Controls for tests: ``fail_payouts_for``, ``fail_next`` (with ``Stripe-Should-Retry``),
+``slow_next`` (an answer later than the client's timeout), ``garble_next`` (a body that
+is not JSON), ``advance``, and crash points ``hold(prefix, when="before"|"after")`` /
+``wait_held`` / ``release``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
+
+from payouts import stripe_events
 
 HOLD_LIMIT_S = 120  # a held request never blocks a server thread longer than this
 IDEMPOTENCY_MISMATCH = (
@@ -53,6 +68,12 @@ KEY_KEPT_S = 24 * 3600
 TRANSFER_REVERSALS = re.compile(r"^/v1/transfers/(?P<id>[^/]+)/reversals$")
 ONE_OBJECT = re.compile(r"^/v1/(?P<kind>transfers|payouts)/(?P<id>[^/]+)$")
 DAY = 86400
+EVENTS_KEPT_S = 30 * DAY
+# The event Stripe sends when a payout reaches each status.
+EVENT_OF_STATUS = {"in_transit": "payout.updated", "paid": "payout.paid",
+                   "failed": "payout.failed", "canceled": "payout.canceled",
+                   "pending": "payout.updated"}
+NOT_JSON = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 
 
 def new_id(prefix: str) -> str:
@@ -130,11 +151,15 @@ class FakeStripe:
         self.transfers: dict[str, dict[str, Any]] = {}
         self.payouts: dict[str, dict[str, Any]] = {}
         self.reversals: dict[str, dict[str, Any]] = {}
-        self.payout_accounts: dict[str, str] = {}  # po_… -> acct_… it was made on
+        self.payout_accounts: dict[str, str] = {}  # po_… -> acct_… it was made on ("": platform)
+        self.events: list[tuple[str, dict[str, Any]]] = []  # (account or "", event), oldest first
         # (account, key) -> (method, path, params, status, body, request id, saved at)
         self._idempotent: dict[tuple[str | None, str], tuple[Any, ...]] = {}
         self._payout_failures: dict[str, str] = {}  # acct_… -> error code
-        self._failures: list[tuple[str, int]] = []  # (path prefix, status), one shot each
+        # (path prefix, status, Stripe-Should-Retry or None), one shot each
+        self._failures: list[tuple[str, int, bool | None]] = []
+        self._slow: list[tuple[str, float]] = []  # (path prefix, seconds), one shot each
+        self._garbled: list[tuple[str]] = []  # path prefixes answered once with a body not JSON
         self._holds: list[_Hold] = []  # armed, not yet matched
         self._holding: list[_Hold] = []  # matched a request, not released yet
         self._offset_s = 0  # the fake's clock runs ahead of the real one by this much
@@ -188,12 +213,68 @@ class FakeStripe:
         with self._lock:
             self._payout_failures.pop(account, None)
 
-    def fail_next(self, path_prefix: str, status: int = 500) -> None:
+    def fail_next(self, path_prefix: str, status: int = 500, *,
+                  should_retry: bool | None = None) -> None:
         """The next request whose path starts with ``path_prefix`` gets a transient error
         (5xx, 429, 409) and makes nothing. A 5xx is kept for its idempotency key and
-        replayed for 24 hours, as Stripe does; a 429 or 409 keeps nothing."""
+        replayed for 24 hours, as Stripe does; a 429 or 409 keeps nothing.
+        ``should_retry`` sends ``Stripe-Should-Retry: true|false`` with it."""
         with self._lock:
-            self._failures.append((path_prefix, status))
+            self._failures.append((path_prefix, status, should_retry))
+
+    def slow_next(self, path_prefix: str, seconds: float) -> None:
+        """The next matching request is answered only after ``seconds``."""
+        with self._lock:
+            self._slow.append((path_prefix, seconds))
+
+    def garble_next(self, path_prefix: str) -> None:
+        """The next matching request gets HTTP 200 with a body that is not JSON (a proxy's
+        error page); nothing is made."""
+        with self._lock:
+            self._garbled.append((path_prefix,))
+
+    # --- payouts changing at Stripe, with their events ----------------------------------
+
+    def add_payout(self, payout: dict[str, Any], account: str = "", *,
+                   events: bool = True) -> dict[str, Any]:
+        """A payout Stripe made on ``account`` ("" for the platform), e.g. an automatic
+        one; with ``events``, its ``payout.created`` is recorded."""
+        with self._lock:
+            payout = copy.deepcopy(payout)
+            self.payouts[payout["id"]] = payout
+            self.payout_accounts[payout["id"]] = account
+            if events:
+                self._emit("payout.created", payout["id"])
+            return payout
+
+    def set_status(self, payout_id: str, status: str, *, events: bool = True,
+                   **fields: Any) -> dict[str, Any]:
+        """The payout moves to ``status`` (and ``fields``, e.g. failure_code), and Stripe
+        records its event (``payout.updated`` with ``previous_attributes`` for in_transit,
+        ``payout.paid`` / ``failed`` / ``canceled``); ``events=False`` changes it silently
+        (as if the event is past the Events API's 30 days)."""
+        with self._lock:
+            payout = self.payouts[payout_id]
+            previous = {"status": payout["status"]}
+            payout.update(status=status, **fields)
+            if status in ("failed", "canceled"):
+                payout["failure_balance_transaction"] = new_id("txn")
+            if events:
+                self._emit(EVENT_OF_STATUS[status], payout_id, previous=previous)
+            return copy.deepcopy(payout)
+
+    def _emit(self, event_type: str, payout_id: str, *,
+              previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        account = self.payout_accounts[payout_id]
+        event = stripe_events.payout_event(
+            event_type, copy.deepcopy(self.payouts[payout_id]), account=account or None,
+            created=self._created(), previous_attributes=previous)
+        self.events.append((account, event))
+        return event
+
+    def events_of(self, account: str = "") -> list[dict[str, Any]]:
+        with self._lock:
+            return [event for owner, event in self.events if owner == account]
 
     def now(self) -> int:
         """The fake's clock, in Unix seconds."""
@@ -208,6 +289,10 @@ class FakeStripe:
         """A ``created`` time: the clock, made strictly increasing so order is testable."""
         self._last_created = max(self._last_created + 1, self.now())
         return self._last_created
+
+    def clock(self) -> int:
+        """What the fake says the time is (its ``Date``): never before what it made."""
+        return max(self.now(), self._last_created)
 
     def hold(self, path_prefix: str, when: str = "before") -> None:
         """Block the next matching request until ``release()``: ``before`` it is processed
@@ -264,9 +349,16 @@ class FakeStripe:
                 return each
         return None
 
-    def handle(self, request: Request) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def handle(self, request: Request) -> tuple[int, dict[str, Any] | bytes, dict[str, str]]:
+        with self._lock:
+            slow = self._take(self._slow, request.path)
+        if slow is not None:
+            time.sleep(slow[1])
         with self._lock:
             self.requests.append(request)
+            if self._take(self._garbled, request.path) is not None:
+                request.status = 200
+                return 200, NOT_JSON, {"Request-Id": new_id("req")}
             hold = self._take(self._holds, request.path) if request.method == "POST" else None
             if hold is not None:
                 hold.request = request
@@ -305,7 +397,9 @@ class FakeStripe:
                     kept = None
                 failure = self._take(self._failures, request.path) if kept is None else None
                 if failure is not None:
-                    status = failure[1]
+                    _, status, should_retry = failure
+                    if should_retry is not None:
+                        headers["Stripe-Should-Retry"] = "true" if should_retry else "false"
                     raise _error(status, ERROR_TYPES.get(status, "api_error"),
                                  f"An injected transient error ({status}) from the fake Stripe.",
                                  keep=status not in NOT_STARTED)
@@ -366,29 +460,66 @@ class FakeStripe:
         if method == "GET" and path == "/v1/payouts":
             since = int(request.params.get("created[gte]") or 0)
             return self._list(request, [p for p_id, p in self.payouts.items()
-                                        if self.payout_accounts[p_id] == request.account
+                                        if self.payout_accounts[p_id] == (request.account or "")
                                         and p["created"] >= since])
+        if method == "GET" and path == "/v1/events":
+            return self._list(request, self._events_listed(request))
         match = ONE_OBJECT.match(path)
         if method == "GET" and match:
-            store = self.transfers if match["kind"] == "transfers" else self.payouts
-            if match["id"] in store:
-                return store[match["id"]]
+            if match["kind"] == "transfers" and match["id"] in self.transfers:
+                return self.transfers[match["id"]]
+            if (match["kind"] == "payouts" and match["id"] in self.payouts
+                    and self.payout_accounts[match["id"]] == (request.account or "")):
+                return self.payouts[match["id"]]
             raise self._missing(match["id"])
         raise _error(404, "invalid_request_error",
                      f"Unrecognized request URL ({method}: {path}).")
 
+    def _events_listed(self, request: Request) -> list[dict[str, Any]]:
+        """The account's events (the platform's without ``Stripe-Account``) still kept,
+        filtered by ``type`` / ``types[]`` and ``created[...]``."""
+        params = request.params
+        types = [v for k, v in params.items() if k.startswith("types[")]
+        if "type" in params:
+            types.append(params["type"])
+        bounds = {op: int(params[f"created[{op}]"]) for op in ("gte", "gt", "lte", "lt")
+                  if f"created[{op}]" in params}
+        if "created" in params:
+            bounds["eq"] = int(params["created"])
+
+        def matches(event: dict[str, Any]) -> bool:
+            created, name = event["created"], event["type"]
+            if types and not any(name == t or (t.endswith(".*") and name.startswith(t[:-1]))
+                                 for t in types):
+                return False
+            return all({"gte": created >= v, "gt": created > v, "lte": created <= v,
+                        "lt": created < v, "eq": created == v}[op] for op, v in bounds.items())
+
+        oldest_kept = self.now() - EVENTS_KEPT_S
+        return [copy.deepcopy(event) for owner, event in self.events
+                if owner == (request.account or "") and event["created"] >= oldest_kept
+                and matches(event)]
+
     @staticmethod
     def _list(request: Request, objects: list[dict[str, Any]]) -> dict[str, Any]:
-        """Stripe's list: newest first, ``limit`` (1-100, default 10), ``starting_after``."""
+        """Stripe's list: newest first, ``limit`` (1-100, default 10), ``starting_after``
+        or ``ending_before``."""
         objects = sorted(objects, key=lambda o: (o["created"], o["id"]), reverse=True)
+        ids = [o["id"] for o in objects]
+        for param in ("starting_after", "ending_before"):
+            cursor = request.params.get(param)
+            if cursor and cursor not in ids:
+                raise _error(400, "invalid_request_error", f"No such object: '{cursor}'",
+                             code="resource_missing", param=param)
+        limit = max(1, min(100, int(request.params.get("limit") or 10)))
+        before = request.params.get("ending_before")
+        if before:  # the page just newer than the cursor
+            newer = objects[:ids.index(before)]
+            return {"object": "list", "url": request.path, "has_more": len(newer) > limit,
+                    "data": newer[-limit:]}
         after = request.params.get("starting_after")
         if after:
-            ids = [o["id"] for o in objects]
-            if after not in ids:
-                raise _error(400, "invalid_request_error", f"No such object: '{after}'",
-                             code="resource_missing", param="starting_after")
             objects = objects[ids.index(after) + 1:]
-        limit = max(1, min(100, int(request.params.get("limit") or 10)))
         return {"object": "list", "url": request.path, "has_more": len(objects) > limit,
                 "data": objects[:limit]}
 
@@ -489,6 +620,7 @@ class FakeStripe:
         }
         self.payouts[payout_id] = payout
         self.payout_accounts[payout_id] = account
+        self._emit("payout.created", payout_id)
         return payout
 
     def _reversal_create(self, request: Request, transfer_id: str) -> dict[str, Any]:
@@ -533,6 +665,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return formatdate(self.fake.clock(), usegmt=True)  # the fake's clock, not ours
+
     def do_GET(self) -> None:
         self._serve("GET")
 
@@ -550,7 +685,7 @@ class _Handler(BaseHTTPRequestHandler):
         params = {key: values[-1] for key, values in fields.items()}
         request = Request(method, path, {k.lower(): v for k, v in self.headers.items()}, params)
         status, body, headers = self.fake.handle(request)
-        data = json.dumps(body, indent=2).encode()
+        data = body if isinstance(body, bytes) else json.dumps(body, indent=2).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
