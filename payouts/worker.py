@@ -29,7 +29,6 @@ from payouts.services.processing import event_process
 
 log = structlog.get_logger(__name__)
 
-SCHEDULE_CHECK_S = 10.0  # how often a worker looks for a due scheduled job
 JOB_STOP_WAIT_S = 60.0  # on stop, how long to wait for a running job to notice
 
 
@@ -89,7 +88,7 @@ class Worker:
         running one already; ``wait`` runs it to the end first (``--once``)."""
         now = time.monotonic()
         if (self._job is not None and self._job.is_alive()) or (
-                not wait and now - self._schedule_checked < SCHEDULE_CHECK_S):
+                not wait and now - self._schedule_checked < jobs.check_every_s()):
             return
         self._schedule_checked = now
         try:

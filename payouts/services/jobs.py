@@ -47,6 +47,7 @@ Trigger = JobRun.Trigger
 RunStatus = JobRun.Status
 LEASE = timedelta(minutes=2)
 RENEW_EVERY_S = 20.0
+SCHEDULE_CHECK_S = 10.0  # how often a worker looks for a due job
 # Errors that end a run with its reason shown: Stripe's answer, not a bug.
 STRIPE_TROUBLE = (StripeKeyRefused, StripeNotConfigured, StripeUnavailable)
 SCHEDULED = f"{ScheduledJob._meta.db_table}"
@@ -184,6 +185,11 @@ def intervals() -> dict[str, timedelta]:
             Job.RECONCILE_PAYOUTS: timedelta(minutes=settings.RECONCILE_MINUTES)}
 
 
+def check_every_s() -> float:
+    """How often a worker looks for a due job: every 10 s, sooner for short intervals."""
+    return min([SCHEDULE_CHECK_S, *(i.total_seconds() / 2 for i in intervals().values())])
+
+
 def _execute(sql: str, params: dict[str, Any]) -> bool:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -201,6 +207,12 @@ def lease_due(name: str, interval: timedelta, runner: str) -> bool:
             status=RunStatus.ABANDONED, finished_at=timezone.now(),
             error="its runner stopped before finishing (its lease ran out)")
     return got
+
+
+def lease_free(name: str, runner: str, *, done: bool) -> None:
+    """Give the job's lease back; ``done``: it is next due an interval from now (else at
+    once: the run was interrupted)."""
+    _execute(FREE_SQL, {"name": name, "runner": runner, "done": done})
 
 
 class Scheduled:
@@ -231,9 +243,7 @@ class Scheduled:
                 run = reconcile_payouts(apply=True, trigger=Trigger.SCHEDULE,
                                         runner=self.runner, tick=self.tick)
         finally:
-            interrupted = self.stopping()
-            _execute(FREE_SQL, {"name": self.name, "runner": self.runner,
-                                "done": not interrupted})
+            lease_free(self.name, self.runner, done=not self.stopping())
         return run
 
 

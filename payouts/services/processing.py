@@ -94,7 +94,7 @@ def _process(event_id: int, trigger: str, nowait: bool) -> ProcessingOutcome:
                                  status_after=event.status)
     outcome = _run(event, json.loads(bytes(event.raw_body)), nowait=nowait)
     status = inbox.event_settle(event, outcome)
-    return ProcessingOutcome(outcome.kind, outcome.reason, outcome.payout_id, status)
+    return replace(outcome, status_after=status)
 
 
 def _with_payout_fetched(event_id: int, trigger: str, nowait: bool,
@@ -178,7 +178,7 @@ class _AlreadyStored(Exception):
 
 
 def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str], *,
-                  origin: inbox.Origin = inbox.DELIVERED) -> Received:
+                  origin: inbox.Origin = inbox.DELIVERED, nowait: bool = True) -> Received:
     """Inline mode: store a verified event and apply it in ONE SERIALIZABLE transaction.
 
     The event row is written last, already settled, with its attempt: the common
@@ -187,6 +187,9 @@ def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str],
     is busy, conflicts kept coming, an error), the event is stored alone and left to
     the inbox, exactly as a stored event whose processing failed. Raises
     ``DatabaseError`` only when the event could not be stored at all.
+
+    A delivery finds its payout busy at once (``nowait``: Stripe waits on the answer);
+    events we fetched or made ourselves (``origin``) wait for the lock instead.
     """
     received_at = timezone.now()
     # A duplicate is answered without opening a transaction; the insert still settles
@@ -195,7 +198,7 @@ def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str],
         return Received(None, None)
     try:
         return _store_and_apply(payload, body, headers,
-                                NewEvent.of(payload, received_at, origin))
+                                NewEvent.of(payload, received_at, origin), nowait)
     except _AlreadyStored:
         return Received(None, None)
     except Exception as exc:
@@ -217,12 +220,11 @@ def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str],
 
 @txutils.financial_transaction(operation="webhook.process_event", delay=RETRY_DELAY_S)
 def _store_and_apply(payload: dict[str, Any], body: bytes, headers: dict[str, str],
-                     event: NewEvent) -> Received:
-    outcome = _run(event, payload, nowait=True)
+                     event: NewEvent, nowait: bool) -> Received:
+    outcome = _run(event, payload, nowait=nowait)
     stored = inbox.event_store_settled(event, outcome, payload, body, headers)
     if stored is None:
         raise _AlreadyStored(payload["id"])
     event_id, status = stored
     txutils.annotate(event_id=event_id)
-    return Received(event_id, ProcessingOutcome(outcome.kind, outcome.reason,
-                                                outcome.payout_id, status))
+    return Received(event_id, replace(outcome, status_after=status))

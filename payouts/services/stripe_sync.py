@@ -76,7 +76,8 @@ def _resync_store(answer: Answer, *, account: str, known: bool,
     """Store Stripe's payout as a resync event and process it now; its id and outcome."""
     event = resync_event(answer, account=account, known=known)
     received = processing.event_receive(event, json.dumps(event).encode(),
-                                        {"request-id": answer.request_id}, origin=origin)
+                                        {"request-id": answer.request_id}, origin=origin,
+                                        nowait=False)
     assert received.outcome is not None, "a resync event's id is new"
     return event["id"], received.outcome
 
@@ -168,7 +169,8 @@ def _sync_account(account: str, since: int, reader: StripeReader,
         payload = {**event, "account": account} if account else event
         received = processing.event_receive(
             payload, json.dumps(event).encode(),
-            {"stripe-account": account, "request-id": page.request_id}, origin=origin)
+            {"stripe-account": account, "request-id": page.request_id}, origin=origin,
+            nowait=False)
         if received.duplicate:  # a delivery or another run stored it meanwhile
             continue
         assert received.event_id is not None and received.outcome is not None

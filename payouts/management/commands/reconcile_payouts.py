@@ -33,7 +33,9 @@ class Command(BaseCommand):
         for finding in run.findings:
             fields = {k: tuple(v) for k, v in finding.pop("fields").items()}
             self.stdout.write(Drift(**finding, fields=fields).line())
-        if run.error:
+        if run.status == JobRun.Status.FAILED and not run.counts:  # stopped early
+            raise CommandError(run.error, returncode=2)
+        if run.error:  # payouts Stripe could not answer for
             self.stderr.write(run.error)
         counts = run.counts
         self.stdout.write(f"reconcile_payouts: checked {counts['checked']}, drifted "
