@@ -7,8 +7,11 @@ the next run is the retry, visible and with the same idempotency keys
 Reads (``StripeReader``) are safe to repeat, so a 429, a 5xx, a network error, a
 timeout or an answer that is not JSON is tried again with exponential backoff and
 jitter, unless Stripe says ``Stripe-Should-Retry: false``; at most
-``STRIPE_READ_ATTEMPTS`` tries and ``STRIPE_READ_DEADLINE_SECONDS`` in all. A 401 is
-never retried: it raises ``StripeKeyRefused``, which names ``STRIPE_API_KEY``.
+``STRIPE_READ_ATTEMPTS`` tries and ``STRIPE_READ_DEADLINE_SECONDS`` in all. Errors are
+``StripeReadError``s: a 401 is never retried and raises ``StripeKeyRefused``, which
+names ``STRIPE_API_KEY``; a 404 raises ``StripeMissing``, another final 4xx (403: no
+access to that connected account) ``StripeRefused``, and retries that ran out
+``StripeUnavailable``.
 """
 
 from __future__ import annotations
@@ -37,16 +40,25 @@ class StripeNotConfigured(Exception):
     pass
 
 
-class StripeKeyRefused(Exception):
+class StripeReadError(Exception):
+    """A read that did not get an answer to use; the message says why."""
+
+
+class StripeKeyRefused(StripeReadError):
     """Stripe answered 401: the key is wrong, revoked or for another account."""
 
 
-class StripeUnavailable(Exception):
-    """A read still failed after its retries (or Stripe said not to retry)."""
-
-
-class StripeMissing(Exception):
+class StripeMissing(StripeReadError):
     """Stripe does not know the object (404 ``resource_missing``)."""
+
+
+class StripeRefused(StripeReadError):
+    """Stripe refused this request for good, e.g. 403: the key has no access to the
+    connected account (disconnected, deleted)."""
+
+
+class StripeUnavailable(StripeReadError):
+    """A read still failed after its retries (or Stripe said not to retry)."""
 
 
 def stripe_client() -> stripe.StripeClient:
@@ -133,9 +145,12 @@ class StripeReader:
                             retry_in_s=None if delay is None else round(delay, 2))
                 if (delay is None or attempt == attempts
                         or time.monotonic() + delay > deadline):
-                    raise StripeUnavailable(
+                    status = exc.http_status or 0
+                    error = StripeRefused if 400 <= status < 500 and delay is None \
+                        else StripeUnavailable
+                    raise error(
                         f"GET {path}{' on ' + account if account else ''} failed after "
-                        f"{attempt} attempt(s): HTTP {exc.http_status or 'none'} "
+                        f"{attempt} attempt(s): HTTP {status or 'none'} "
                         f"{exc.user_message or exc} (request {exc.request_id or '?'})") from exc
                 self.sleep(delay)
         raise AssertionError("unreachable")

@@ -30,7 +30,7 @@ from payouts.models import Seller, WebhookEvent, WebhookEventAttempt
 from payouts.services import inbox, ledger
 from payouts.services.inbox import NewEvent
 from payouts.services.outcome import Outcome, ProcessingOutcome
-from payouts.stripe_api import StripeKeyRefused, StripeMissing, StripeUnavailable
+from payouts.stripe_api import StripeReadError
 
 log = structlog.get_logger(__name__)
 
@@ -115,7 +115,7 @@ def _with_payout_fetched(event_id: int, trigger: str, nowait: bool,
     try:
         resync_id, fetched = stripe_sync.payout_fetch(stripe_payout_id, account=event.account,
                                                       origin=origin)
-    except (StripeMissing, StripeUnavailable, StripeKeyRefused) as exc:
+    except StripeReadError as exc:
         return replace(waiting, reason=f"{waiting.reason}; asking Stripe for it: {exc}")
     if fetched.kind != Outcome.APPLIED:
         return replace(waiting, reason=f"{waiting.reason}; fetched from Stripe as {resync_id}, "

@@ -30,13 +30,20 @@ from django.utils import timezone
 from payouts.models import Payout, Seller, WebhookEvent
 from payouts.services import inbox, ledger, processing
 from payouts.services.outcome import Outcome, ProcessingOutcome
-from payouts.stripe_api import Answer, StripeMissing, StripeReader, StripeUnavailable
+from payouts.stripe_api import (
+    Answer,
+    StripeMissing,
+    StripeReader,
+    StripeRefused,
+    StripeUnavailable,
+)
 
 log = structlog.get_logger(__name__)
 
 SYNC_MAX_DAYS = 30  # how long the Events API keeps an event
 CHANGED_RECENTLY = timedelta(days=7)  # reconcile also checks payouts changed since
-GIVE_UP_AFTER_UNAVAILABLE = 3  # payouts in a row Stripe could not answer for: stop the run
+# Requests in a row that Stripe could not answer (retries ran out): stop the run.
+GIVE_UP_AFTER_UNAVAILABLE = 3
 # The event a resync is stored as: the type Stripe sends for the payout's status.
 RESYNC_TYPE = {Payout.Status.PAID: "payout.paid", Payout.Status.FAILED: "payout.failed",
                Payout.Status.CANCELED: "payout.canceled"}
@@ -109,6 +116,7 @@ class AccountSync:
     waiting: int = 0  # stored, to be retried (e.g. its seller is not known yet)
     unchanged: int = 0  # skipped or ignored: nothing to change
     refused: int = 0  # not an event we can store (logged)
+    error: str = ""  # why Stripe did not list the account's events
 
 
 @dataclass
@@ -116,9 +124,10 @@ class SyncResult:
     accounts: list[AccountSync] = field(default_factory=list)
 
     def totals(self) -> dict[str, int]:
-        keys = [k for k in asdict(AccountSync("")) if k != "account"]
+        keys = [k for k in asdict(AccountSync("")) if k not in ("account", "error")]
         return {"accounts": len(self.accounts),
-                **{k: sum(getattr(a, k) for a in self.accounts) for k in keys}}
+                **{k: sum(getattr(a, k) for a in self.accounts) for k in keys},
+                "errors": sum(bool(a.error) for a in self.accounts)}
 
 
 TALLY = {Outcome.APPLIED: "applied", Outcome.HELD: "held", Outcome.SKIPPED: "unchanged",
@@ -136,8 +145,17 @@ def sync_events(*, days: int, origin: inbox.Origin, reader: StripeReader | None 
     since = int((timezone.now() - timedelta(days=days)).timestamp())
     accounts = ["", *Seller.objects.order_by("id").values_list("stripe_account_id", flat=True)]
     result = SyncResult()
+    unavailable = 0
     for number, account in enumerate(accounts, 1):
-        result.accounts.append(_sync_account(account, since, reader, origin))
+        try:
+            counts = _sync_account(account, since, reader, origin, tick)
+            unavailable = 0
+        except (StripeRefused, StripeUnavailable) as exc:  # e.g. 403: access revoked
+            counts = AccountSync(account, error=str(exc))
+            unavailable = unavailable + 1 if isinstance(exc, StripeUnavailable) else 0
+            if unavailable >= GIVE_UP_AFTER_UNAVAILABLE:
+                raise
+        result.accounts.append(counts)
         totals = result.totals()
         tick(f"[{number}/{len(accounts)} accounts] listed {totals['listed']}, "
              f"new {totals['new']}, applied {totals['applied']}, held {totals['held']}")
@@ -145,8 +163,8 @@ def sync_events(*, days: int, origin: inbox.Origin, reader: StripeReader | None 
     return result
 
 
-def _sync_account(account: str, since: int, reader: StripeReader,
-                  origin: inbox.Origin) -> AccountSync:
+def _sync_account(account: str, since: int, reader: StripeReader, origin: inbox.Origin,
+                  tick: Tick) -> AccountSync:
     counts = AccountSync(account)
     listed = list(reader.list_all("/v1/events", {"type": "payout.*", "created": {"gte": since}},
                                   account=account))
@@ -181,6 +199,7 @@ def _sync_account(account: str, since: int, reader: StripeReader,
                                                trigger=processing.Trigger.WORKER,
                                                worker="sync_events")
         setattr(counts, TALLY[outcome.kind], getattr(counts, TALLY[outcome.kind]) + 1)
+        tick(f"{account or 'platform'}: {counts.new} of {counts.listed} events stored")
     return counts
 
 
@@ -287,9 +306,9 @@ def reconcile(payouts: Iterable[Payout], *, apply: bool, origin: inbox.Origin,
         except StripeMissing:
             drift.missing = True
             answer = None
-        except StripeUnavailable as exc:
+        except (StripeRefused, StripeUnavailable) as exc:  # e.g. 403: access revoked
             result.errors.append(f"{payout.stripe_payout_id}: {exc}")
-            unavailable += 1
+            unavailable = unavailable + 1 if isinstance(exc, StripeUnavailable) else 0
             if unavailable >= GIVE_UP_AFTER_UNAVAILABLE:
                 raise
             continue

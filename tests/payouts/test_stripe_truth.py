@@ -283,6 +283,22 @@ def test_a_bad_key_stops_sync_and_reconcile_and_writes_nothing(fake: FakeStripe,
     assert code == 2 and "STRIPE_API_KEY is not set" in err
 
 
+def test_an_account_stripe_refuses_is_reported_and_the_others_are_synced(
+        fake: FakeStripe) -> None:
+    world = missed_ledger(fake)
+    gone = make_seller()
+    fake.revoke(gone.stripe_account_id)
+    code, out, err = command("sync_events")
+    assert code == 2
+    assert f"{gone.stripe_account_id}: not listed: GET /v1/events on {gone.stripe_account_id} " \
+           "failed after 1 attempt(s): HTTP 403" in err
+    assert "listed 6, new 6, applied 6, held 0, waiting 0, accounts not listed 1" in out
+    world["paid"].refresh_from_db()
+    assert world["paid"].status == "paid"
+    run = JobRun.objects.get()
+    assert run.status == "failed" and "does not have access" in run.error
+
+
 # --- reconcile_payouts ----------------------------------------------------------------------
 
 
@@ -373,6 +389,22 @@ def test_reconcile_checks_open_marked_and_recent_payouts_only(fake: FakeStripe) 
         updated_at=timezone.now() - timedelta(days=8))
     Payout.objects.filter(pk=marked.pk).update(review_reason="a tie")
     assert list(stripe_sync.payouts_to_reconcile()) == [open_, marked]
+
+
+def test_payouts_of_an_account_stripe_refuses_do_not_stop_reconcile(fake: FakeStripe) -> None:
+    gone, kept = make_seller(), make_seller()
+    refused = [make_payout(gone) for _ in range(4)]
+    drifted = make_payout(kept)
+    for payout in [*refused, drifted]:
+        at_stripe(fake, payout)
+    fake.set_status(drifted.stripe_payout_id, "paid", events=False)
+    fake.revoke(gone.stripe_account_id)
+    code, out, err = command("reconcile_payouts", "--apply")
+    assert code == 1, (out, err)
+    assert f"{drifted.stripe_payout_id} ({kept.stripe_account_id}): status: ours in_transit" in out
+    assert err.count("HTTP 403") == 4 and "errors 4" in out
+    drifted.refresh_from_db()
+    assert drifted.status == "paid"
 
 
 def test_stripe_unreachable_stops_reconcile_after_a_few_payouts(fake: FakeStripe,

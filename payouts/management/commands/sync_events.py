@@ -31,14 +31,22 @@ class Command(BaseCommand):
         run = jobs.sync_events(days=days, trigger=JobRun.Trigger.COMMAND,
                                tick=jobs.Progress(self.stderr.write))
         for account in run.findings:
+            name = account["account"] or "platform"
+            if account["error"]:
+                self.stderr.write(f"{name}: not listed: {account['error']}")
+                continue
             self.stdout.write(
-                f"{account['account'] or 'platform'}: listed {account['listed']}, new "
-                f"{account['new']}, applied {account['applied']}, held {account['held']}, "
-                f"waiting {account['waiting']}, unchanged {account['unchanged']}"
+                f"{name}: listed {account['listed']}, new {account['new']}, applied "
+                f"{account['applied']}, held {account['held']}, waiting {account['waiting']}, "
+                f"unchanged {account['unchanged']}"
                 + (f", refused {account['refused']}" if account["refused"] else ""))
-        if run.status == JobRun.Status.FAILED:
+        if run.status == JobRun.Status.FAILED and not run.counts:  # stopped early
             raise CommandError(run.error, returncode=2)
         totals = run.counts
         self.stdout.write(f"sync_events: {totals['accounts']} account(s), listed "
                           f"{totals['listed']}, new {totals['new']}, applied {totals['applied']}, "
-                          f"held {totals['held']}, waiting {totals['waiting']}")
+                          f"held {totals['held']}, waiting {totals['waiting']}"
+                          + (f", accounts not listed {totals['errors']}"
+                             if totals["errors"] else ""))
+        if run.status == JobRun.Status.FAILED:
+            raise CommandError("some accounts could not be listed: see above", returncode=2)
