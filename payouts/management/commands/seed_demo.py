@@ -6,9 +6,12 @@ payouts end up in every status, with timelines, attempts and transaction logs.
 A few events fail for real (unknown payout) or are made to look like a past
 failure (so staff can replay them), and one is dead. The ledger's rules show too:
 events held because they disagree with our payout, a paid payout reversed, and
-two events in the same second that mark a payout for reconciliation.
+two events in the same second that mark a payout for reconciliation. So does
+Stripe as the source of truth: an event recovered by sync_events, a payout brought
+to Stripe's state by reconcile_payouts, one missing at Stripe, with their runs.
 """
 
+import json
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -20,6 +23,7 @@ from django.utils import timezone
 
 from payouts import stripe_events
 from payouts.models import (
+    JobRun,
     PaymentTransaction,
     PaymentTransfer,
     Payout,
@@ -29,8 +33,9 @@ from payouts.models import (
     WebhookEventAttempt,
 )
 from payouts.roles import ensure_roles
-from payouts.services import inbox
+from payouts.services import inbox, ledger, stripe_sync
 from payouts.services.processing import event_process, event_receive
+from payouts.stripe_api import Answer
 
 DAY = 86400
 
@@ -202,6 +207,68 @@ class Command(BaseCommand):
             created=self._ts(30), event_id="evt_1DemoReconciled01"))
         count += self._past_failure()
         count += self._ledger_rules()
+        count += self._stripe_truth()
+        return count
+
+    def _stripe_truth(self) -> int:
+        """What the workers' scheduled jobs find when Stripe knows more than the webhooks
+        told us: a missed payout.paid listed by sync_events, a payout Stripe failed
+        without an event reaching us (reconcile_payouts --apply), and one Stripe lacks."""
+        if JobRun.objects.exists():
+            return 0
+        count = 0
+        # sync_events: Blue Heron's payout.paid never arrived; the Events API had it.
+        missed = self._demo_payout(1, 4)
+        account = SELLERS[1][1]
+        obj = stripe_events.payout_object(missed.stripe_payout_id, status="paid",
+                                          amount=missed.amount, created=self._ts(6))
+        event = stripe_events.payout_event("payout.paid", obj, account=account,
+                                           created=self._ts(3), event_id="evt_1DemoSynced01")
+        scheduled = "sync_events (scheduled)"
+        count += 0 if event_receive(event, json.dumps(event).encode(),
+                                    {"stripe-account": account, "request-id": "req_1DemoSync"},
+                                    origin=inbox.Origin(WebhookEvent.Source.EVENTS_API,
+                                                        scheduled)).duplicate else 1
+        started = timezone.now() - timedelta(minutes=9)
+        counts = {"accounts": len(SELLERS) + 1, "listed": 61, "new": 1, "applied": 1,
+                  "held": 0, "waiting": 0, "unchanged": 0, "refused": 0, "errors": 0}
+        JobRun.objects.create(
+            job=JobRun.Job.SYNC_EVENTS, trigger=JobRun.Trigger.SCHEDULE, runner="demo:1",
+            scope="--days 3", apply=True, started_at=started,
+            finished_at=started + timedelta(seconds=4), status=JobRun.Status.OK, counts=counts,
+            findings=[vars(stripe_sync.AccountSync(account, listed=8, new=1, applied=1))])
+        # reconcile_payouts --apply: Fjord's payout failed at Stripe, silently for us; Elm
+        # Street's is unknown to Stripe (kept, marked for review).
+        failed, vanished = self._demo_payout(5, 5), self._demo_payout(4, 5)
+        started = timezone.now() - timedelta(minutes=4)
+        obj = stripe_events.payout_object(
+            failed.stripe_payout_id, status="failed", amount=failed.amount, created=self._ts(1),
+            arrival_date=int(failed.arrival_date.timestamp()) if failed.arrival_date else None,
+            failure_code="could_not_process",
+            failure_message=FAILURE_MESSAGES["could_not_process"])
+        event = stripe_sync.resync_event(Answer(obj, "req_1DemoReconcile", started),
+                                         account=SELLERS[5][1], known=True)
+        event["id"] = "resync_1DemoReconcile01"
+        drift = stripe_sync.Drift(failed.pk, failed.stripe_payout_id or "", SELLERS[5][1],
+                                  fields={"status": ("in_transit", "failed"),
+                                          "failure_code": ("none", "could_not_process")})
+        received = event_receive(event, json.dumps(event).encode(),
+                                 {"request-id": "req_1DemoReconcile"},
+                                 origin=inbox.Origin(WebhookEvent.Source.RESYNC,
+                                                     "reconcile_payouts --apply (scheduled)"))
+        count += 0 if received.duplicate else 1
+        assert received.outcome is not None
+        drift.applied, drift.event = f"applied: {received.outcome.reason}", event["id"]
+        ledger.flag_for_review(vanished.pk, f"reconcile: Stripe does not know "
+                                            f"{vanished.stripe_payout_id} (404); check it")
+        missing = stripe_sync.Drift(vanished.pk, vanished.stripe_payout_id or "", SELLERS[4][1],
+                                    missing=True, applied="marked for review")
+        result = stripe_sync.ReconcileResult(checked=19, drifts=[drift, missing])
+        JobRun.objects.create(
+            job=JobRun.Job.RECONCILE_PAYOUTS, trigger=JobRun.Trigger.SCHEDULE, runner="demo:1",
+            apply=True, started_at=started, finished_at=started + timedelta(seconds=2),
+            status=JobRun.Status.DRIFTED, counts=result.counts(),
+            findings=stripe_sync.drift_findings(result))
         return count
 
     def _demo_payout(self, s: int, p: int) -> Payout:
