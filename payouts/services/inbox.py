@@ -228,7 +228,7 @@ def event_record(payload: dict[str, Any], body: bytes, headers: dict[str, str], 
              bool(payload.get("livemode", False)), payload.get("api_version") or "", created,
              obj.get("id") or "", body, json.dumps(headers),
              1 if lease_s > 0 else 0, due, "inline" if lease_s > 0 else "",
-             *origin.columns().values()],
+             origin.source, origin.detail[:200], origin.requested_by_id],
         )
         row = cursor.fetchone()
     if row is None:
