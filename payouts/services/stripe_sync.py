@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,11 @@ SYNC_MAX_DAYS = 30  # how long the Events API keeps an event
 CHANGED_RECENTLY = timedelta(days=7)  # reconcile also checks payouts changed since
 # Requests in a row that Stripe could not answer (retries ran out): stop the run.
 GIVE_UP_AFTER_UNAVAILABLE = 3
+# reconcile lists an account's payouts (100 a request) when at least LIST_FROM of those it
+# checks were made in the last LIST_DAYS; a payout may be at Stripe a little before our row.
+LIST_FROM = 3
+LIST_DAYS = 8
+LIST_MARGIN = timedelta(days=1)
 # The event a resync is stored as: the type Stripe sends for the payout's status.
 RESYNC_TYPE = {Payout.Status.PAID: "payout.paid", Payout.Status.FAILED: "payout.failed",
                Payout.Status.CANCELED: "payout.canceled"}
@@ -293,37 +299,70 @@ def reconcile(payouts: Iterable[Payout], *, apply: bool, origin: inbox.Origin,
     """Compare each payout with Stripe's (status, amount, currency, arrival date, failure
     code). With ``apply``, bring each drifted one to Stripe's state through the processor;
     one it does not apply (held: amount or currency differ; skipped: against the rules)
-    is marked for review, as is a payout Stripe does not know. Nothing is deleted."""
+    is marked for review, as is a payout Stripe does not know. Nothing is deleted.
+
+    An account's recent payouts are read by listing them (100 a request), the others
+    one by one (``GET /v1/payouts/{id}``)."""
     reader = reader or StripeReader()
     result = ReconcileResult()
-    unavailable = 0
+    by_account: dict[str, list[Payout]] = defaultdict(list)
     for payout in payouts:
-        account = payout.seller.stripe_account_id if payout.seller else ""
-        assert payout.stripe_payout_id is not None
-        drift = Drift(payout.pk, payout.stripe_payout_id, account)
-        try:
-            answer = reader.get(f"/v1/payouts/{payout.stripe_payout_id}", account=account)
-        except StripeMissing:
-            drift.missing = True
-            answer = None
-        except (StripeRefused, StripeUnavailable) as exc:  # e.g. 403: access revoked
-            result.errors.append(f"{payout.stripe_payout_id}: {exc}")
-            unavailable = unavailable + 1 if isinstance(exc, StripeUnavailable) else 0
-            if unavailable >= GIVE_UP_AFTER_UNAVAILABLE:
-                raise
-            continue
-        unavailable = 0
-        result.checked += 1
-        if answer is not None:
-            drift.fields = differences(payout, answer.data)
-        if drift.missing or drift.fields:
-            if apply:
-                _bring_to_stripe(drift, answer, origin)
-            result.drifts.append(drift)
-            log.warning("stripe.payout_drifted", payout=drift.stripe_payout_id,
-                        missing=drift.missing, fields=drift.fields, applied=drift.applied)
-        tick(f"checked {result.checked}, drifted {len(result.drifts)}")
+        by_account[payout.seller.stripe_account_id if payout.seller else ""].append(payout)
+    unavailable = 0
+    for account, group in by_account.items():
+        listed = _recent_payouts(account, group, reader)
+        for payout in group:
+            assert payout.stripe_payout_id is not None
+            drift = Drift(payout.pk, payout.stripe_payout_id, account)
+            try:
+                answer = listed.get(payout.stripe_payout_id) or reader.get(
+                    f"/v1/payouts/{payout.stripe_payout_id}", account=account)
+            except StripeMissing:
+                drift.missing = True
+                answer = None
+            except (StripeRefused, StripeUnavailable) as exc:  # e.g. 403: access revoked
+                result.errors.append(f"{payout.stripe_payout_id}: {exc}")
+                unavailable = unavailable + 1 if isinstance(exc, StripeUnavailable) else 0
+                if unavailable >= GIVE_UP_AFTER_UNAVAILABLE:
+                    raise
+                continue
+            unavailable = 0
+            result.checked += 1
+            if answer is not None:
+                drift.fields = differences(payout, answer.data)
+            if drift.missing or drift.fields:
+                if apply:
+                    _bring_to_stripe(drift, answer, origin)
+                result.drifts.append(drift)
+                log.warning("stripe.payout_drifted", payout=drift.stripe_payout_id,
+                            missing=drift.missing, fields=drift.fields, applied=drift.applied)
+            tick(f"checked {result.checked}, drifted {len(result.drifts)}")
     return result
+
+
+def _recent_payouts(account: str, payouts: list[Payout],
+                    reader: StripeReader) -> dict[str, Answer]:
+    """Stripe's payouts on ``account`` made since the oldest of ``payouts`` (at most
+    LIST_DAYS back), when enough of them are recent to make a list cheaper than one
+    request each; by id. Empty when the list fails: each is then read on its own."""
+    since = max(min(p.created_at for p in payouts) - LIST_MARGIN,
+                timezone.now() - timedelta(days=LIST_DAYS))
+    if sum(p.created_at >= since for p in payouts) < LIST_FROM:
+        return {}
+    wanted = {p.stripe_payout_id for p in payouts}
+    found: dict[str, Answer] = {}
+    try:
+        for obj, page in reader.list_all("/v1/payouts",
+                                         {"created": {"gte": int(since.timestamp())}},
+                                         account=account):
+            if obj.get("id") in wanted:
+                found[obj["id"]] = Answer(obj, page.request_id, page.stripe_time)
+            if len(found) == len(wanted):
+                break
+    except (StripeRefused, StripeUnavailable) as exc:
+        log.warning("stripe.payouts_not_listed", account=account or None, error=str(exc))
+        return {}
+    return found
 
 
 def _bring_to_stripe(drift: Drift, answer: Answer | None, origin: inbox.Origin) -> None:

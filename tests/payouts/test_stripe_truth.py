@@ -407,6 +407,29 @@ def test_payouts_of_an_account_stripe_refuses_do_not_stop_reconcile(fake: FakeSt
     assert drifted.status == "paid"
 
 
+def test_reconcile_lists_an_accounts_recent_payouts_and_gets_the_old_ones(
+        fake: FakeStripe) -> None:
+    seller = make_seller()
+    recent = [make_payout(seller) for _ in range(5)]
+    old = make_payout(seller)
+    Payout.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=20))
+    for payout in recent:
+        at_stripe(fake, payout)
+    at_stripe(fake, old, created=int(time.time()) - 20 * 86400)
+    for n in range(150):  # newer payouts of the account: ours are on the second page
+        fake.add_payout(stripe_events.payout_object(f"po_other{n:04d}", status="paid",
+                                                    created=int(time.time()) + 10),
+                        seller.stripe_account_id, events=False)
+    fake.set_status(recent[0].stripe_payout_id, "failed", events=False)
+    fake.set_status(old.stripe_payout_id, "paid", events=False)
+    code, out, _ = command("reconcile_payouts")
+    assert code == 1 and "checked 6, drifted 2" in out
+    lists = fake.seen("GET", "/v1/payouts")
+    assert [r.path for r in lists].count("/v1/payouts") == 2  # two pages of 100
+    assert [r.path for r in lists if r.path != "/v1/payouts"] == [
+        f"/v1/payouts/{old.stripe_payout_id}"]
+
+
 def test_stripe_unreachable_stops_reconcile_after_a_few_payouts(fake: FakeStripe,
                                                                 settings: Any) -> None:
     settings.STRIPE_READ_ATTEMPTS = 1
