@@ -46,6 +46,8 @@ STRIPE_READ_DEADLINE_SECONDS = float(os.environ.get("STRIPE_READ_DEADLINE_SECOND
 # events listed from the Events API, and payouts compared with Stripe's.
 SYNC_EVENTS_MINUTES = float(os.environ.get("SYNC_EVENTS_MINUTES", "15"))
 SYNC_EVENTS_DAYS = int(os.environ.get("SYNC_EVENTS_DAYS", "3"))  # how far back each run lists
+if not 1 <= SYNC_EVENTS_DAYS <= 30:
+    raise ImproperlyConfigured("SYNC_EVENTS_DAYS must be 1 to 30: Stripe keeps events 30 days")
 RECONCILE_MINUTES = float(os.environ.get("RECONCILE_MINUTES", "60"))
 # A live deployment ignores test-mode events, and a test deployment live ones.
 STRIPE_LIVEMODE = env_bool("STRIPE_LIVEMODE", False)

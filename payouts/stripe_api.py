@@ -16,7 +16,6 @@ access to that connected account) ``StripeRefused``, and retries that ran out
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,8 @@ log = structlog.get_logger(__name__)
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 8.0
 PAGE_SIZE = 100  # the most Stripe lists in one page
+# Stripe's words when the key is good but the connected account is gone or disconnected.
+NO_ACCESS = "does not have access to account"
 
 
 class StripeNotConfigured(Exception):
@@ -61,17 +62,23 @@ class StripeUnavailable(StripeReadError):
     """A read still failed after its retries (or Stripe said not to retry)."""
 
 
-def stripe_client() -> stripe.StripeClient:
-    if not settings.STRIPE_API_KEY:
+def stripe_client(*, timeout_s: float | None = None) -> stripe.StripeClient:
+    key = settings.STRIPE_API_KEY
+    if not key:
         raise StripeNotConfigured(
             "STRIPE_API_KEY is not set: this needs the platform's Stripe secret key "
             "(sk_live_… or sk_test_…); STRIPE_API_BASE may point at another API host."
         )
+    if key.startswith(("sk_live_", "rk_live_", "sk_test_", "rk_test_")) and (
+            "_live_" in key) != settings.STRIPE_LIVEMODE:
+        mode = "live" if settings.STRIPE_LIVEMODE else "test"
+        raise StripeNotConfigured(f"STRIPE_API_KEY is not a {mode}-mode key, but "
+                                  f"STRIPE_LIVEMODE says this is a {mode} deployment")
     return stripe.StripeClient(
-        settings.STRIPE_API_KEY, base_addresses={"api": settings.STRIPE_API_BASE},
+        key, base_addresses={"api": settings.STRIPE_API_BASE},
         # Writes: the next run is the retry, with the same keys. Reads: StripeReader's loop.
         max_network_retries=0,
-        http_client=stripe.RequestsClient(timeout=settings.STRIPE_TIMEOUT_SECONDS))
+        http_client=stripe.RequestsClient(timeout=timeout_s or settings.STRIPE_TIMEOUT_SECONDS))
 
 
 @dataclass(frozen=True)
@@ -111,26 +118,34 @@ def _retryable(exc: stripe.StripeError) -> bool:
 
 
 class StripeReader:
-    """GET requests to Stripe, retried as the module says. ``sleep`` is for tests."""
+    """GET requests to Stripe, retried as the module says. ``attempts`` and ``deadline_s``
+    override the settings (a caller that must answer soon); ``sleep`` is for tests."""
 
     def __init__(self, client: stripe.StripeClient | None = None, *,
+                 attempts: int | None = None, deadline_s: float | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.client = client or stripe_client()
+        self.attempts = max(1, attempts or int(settings.STRIPE_READ_ATTEMPTS))
+        self.deadline_s = deadline_s or float(settings.STRIPE_READ_DEADLINE_SECONDS)
         self.sleep = sleep
         self.requests = 0  # sent, retries included
 
     def get(self, path: str, params: dict[str, Any] | None = None, *,
             account: str = "") -> Answer:
         options = {"stripe_account": account} if account else {}
-        attempts = max(1, int(settings.STRIPE_READ_ATTEMPTS))
-        deadline = time.monotonic() + float(settings.STRIPE_READ_DEADLINE_SECONDS)
+        attempts = self.attempts
+        deadline = time.monotonic() + self.deadline_s
         for attempt in range(1, attempts + 1):
             self.requests += 1
             try:
                 response = self.client.raw_request("get", path, **(params or {}), **options)
-                return Answer(json.loads(response.body), _header(response.headers, "request-id"),
+                return Answer(response.data, _header(response.headers, "request-id"),
                               _stripe_time(response.headers))
             except stripe.AuthenticationError as exc:
+                if account and NO_ACCESS in str(exc.user_message or exc):
+                    # The key is fine; it has no access to that connected account any more.
+                    raise StripeRefused(f"GET {path} on {account}: HTTP 401 "
+                                        f"{exc.user_message or exc}") from exc
                 raise StripeKeyRefused(
                     f"Stripe refused STRIPE_API_KEY (HTTP 401, request "
                     f"{exc.request_id or '?'}): {exc.user_message or exc}. Set STRIPE_API_KEY "

@@ -34,7 +34,7 @@ What it does like Stripe:
   ``ending_before``; events older than 30 days of the fake's clock are gone;
 * every answer has ``Request-Id`` and a ``Date`` from the fake's clock.
 
-Controls for tests: ``fail_payouts_for``, ``revoke`` (403 on a connected account),
+Controls for tests: ``fail_payouts_for``, ``revoke`` (401 or 403 on a connected account),
 ``fail_next`` (with ``Stripe-Should-Retry``),
 ``slow_next`` (an answer later than the client's timeout), ``garble_next`` (a body that
 is not JSON), ``advance``, and crash points ``hold(prefix, when="before"|"after")`` /
@@ -160,7 +160,7 @@ class FakeStripe:
         # (path prefix, status, Stripe-Should-Retry or None), one shot each
         self._failures: list[tuple[str, int, bool | None]] = []
         self._slow: list[tuple[str, float]] = []  # (path prefix, seconds), one shot each
-        self._revoked: set[str] = set()  # connected accounts the key has no access to
+        self._revoked: dict[str, int] = {}  # connected accounts the key lost -> status
         self._garbled: list[tuple[str]] = []  # path prefixes answered once with a body not JSON
         self._holds: list[_Hold] = []  # armed, not yet matched
         self._holding: list[_Hold] = []  # matched a request, not released yet
@@ -224,11 +224,11 @@ class FakeStripe:
         with self._lock:
             self._failures.append((path_prefix, status, should_retry))
 
-    def revoke(self, account: str) -> None:
+    def revoke(self, account: str, status: int = 401) -> None:
         """The platform loses access to ``account`` (disconnected, deleted): every request
-        on it is refused with 403, as Stripe does."""
+        on it is refused, with 401 (Stripe's usual answer) or 403, and Stripe's words."""
         with self._lock:
-            self._revoked.add(account)
+            self._revoked[account] = status
 
     def slow_next(self, path_prefix: str, seconds: float) -> None:
         """The next matching request is answered only after ``seconds``."""
@@ -399,7 +399,9 @@ class FakeStripe:
             try:
                 self._authenticate(request)
                 if request.account in self._revoked:
-                    raise _error(403, "invalid_request_error",
+                    status = self._revoked[request.account]
+                    raise _error(status, "invalid_request_error" if status == 401
+                                 else "permission_error",
                                  "The provided key 'sk_test_…' does not have access to account "
                                  f"'{request.account}' (or that account does not exist). "
                                  "Application access may have been revoked.")

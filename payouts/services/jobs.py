@@ -10,8 +10,9 @@ a worker first leases the job's ``ScheduledJob`` row with one UPDATE (autocommit
 session state, so it works behind PgBouncer in transaction pooling), renews the lease
 while it runs and frees it when done. A runner that dies leaves its lease to run out
 (``LEASE``); the next worker marks its run abandoned and runs the job. Runs asked for
-by a person do not take the lease: both jobs are idempotent, so running beside the
-schedule costs Stripe requests, never a second effect.
+by a person do not take the lease: both jobs are idempotent (an event is stored once;
+a resync moves a payout only to Stripe's state), so running beside the schedule costs
+Stripe requests and, at worst, a second resync event on a payout's timeline.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from django.conf import settings
@@ -45,7 +46,7 @@ RENEW_EVERY_S = 20.0
 SCHEDULE_CHECK_S = 10.0  # how often a worker looks for a due job
 # Errors that end a run with its reason shown: Stripe's answer, not a bug.
 STRIPE_TROUBLE = (StripeNotConfigured, StripeReadError)
-SCHEDULED = f"{ScheduledJob._meta.db_table}"
+SCHEDULED = ScheduledJob._meta.db_table
 
 
 class LeaseLost(Exception):
@@ -76,19 +77,21 @@ class Progress:
             self._last = time.monotonic()
 
 
-@dataclass(frozen=True)
-class Finished:
-    status: str
-    counts: dict[str, Any]
-    findings: list[dict[str, Any]]
+class Result(Protocol):
+    """What a job's run collects as it goes (``stripe_sync.SyncResult``, ``ReconcileResult``)."""
+
+    def counts(self) -> dict[str, int]: ...
+    def findings(self) -> list[dict[str, Any]]: ...
+    def problems(self) -> str: ...
+    def status(self) -> str: ...
 
 
-def _recorded(run: JobRun, work: Callable[[stripe_sync.Tick], Finished],
-              tick: stripe_sync.Tick) -> JobRun:
-    """Do ``work`` and keep how it ended on ``run``."""
+def _recorded(run: JobRun, result: Result, work: Callable[[], object]) -> JobRun:
+    """Do ``work``, which fills ``result``, and keep on ``run`` how it ended, with what
+    it found so far also when it stopped early."""
     try:
-        finished = work(tick)
-        run.status, run.counts, run.findings = finished.status, finished.counts, finished.findings
+        work()
+        run.status, run.error = result.status(), result.problems()
     except STRIPE_TROUBLE as exc:
         run.status, run.error = RunStatus.FAILED, str(exc)
         log.error("job.failed", job=run.job, run=run.pk, error=str(exc))
@@ -98,10 +101,20 @@ def _recorded(run: JobRun, work: Callable[[stripe_sync.Tick], Finished],
     except Exception as exc:
         run.status, run.error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
         log.exception("job.crashed", job=run.job, run=run.pk)
-    run.finished_at = timezone.now()
-    run.save(update_fields=["status", "counts", "findings", "error", "finished_at"])
+    except BaseException:  # Ctrl-C, SystemExit: recorded, then on its way
+        run.status, run.error = RunStatus.ABANDONED, "interrupted"
+        _save(run, result)
+        raise
+    _save(run, result)
     log.info("job.finished", job=run.job, run=run.pk, status=run.status, **run.counts)
     return run
+
+
+def _save(run: JobRun, result: Result) -> None:
+    run.counts, run.findings = result.counts(), result.findings()
+    run.error = run.error[:4000]
+    run.finished_at = timezone.now()
+    run.save(update_fields=["status", "counts", "findings", "error", "finished_at"])
 
 
 def _start(job: str, *, trigger: str, requested_by: AbstractBaseUser | None, scope: str,
@@ -119,17 +132,9 @@ def sync_events(*, days: int, trigger: str, requested_by: AbstractBaseUser | Non
     origin = inbox.Origin(WebhookEvent.Source.EVENTS_API,
                           f"sync_events ({_who(trigger, requested_by)})",
                           requested_by.pk if requested_by is not None else None)
-
-    def work(tick: stripe_sync.Tick) -> Finished:
-        result = stripe_sync.sync_events(days=days, origin=origin, reader=StripeReader(),
-                                         tick=tick)
-        accounts = [vars(a) for a in result.accounts if a.listed or a.error]
-        # Accounts Stripe would not list: their missed events cannot be known.
-        run.error = "; ".join(a.error for a in result.accounts if a.error)[:4000]
-        status = RunStatus.FAILED if run.error else RunStatus.OK
-        return Finished(status, result.totals(), accounts)
-
-    return _recorded(run, work, tick)
+    result = stripe_sync.SyncResult()
+    return _recorded(run, result, lambda: stripe_sync.sync_events(
+        days=days, origin=origin, reader=StripeReader(), tick=tick, result=result))
 
 
 def reconcile_payouts(*, apply: bool, trigger: str, requested_by: AbstractBaseUser | None = None,
@@ -144,18 +149,22 @@ def reconcile_payouts(*, apply: bool, trigger: str, requested_by: AbstractBaseUs
               else f"reconcile_payouts --apply ({who})")
     origin = inbox.Origin(WebhookEvent.Source.RESYNC, detail,
                           requested_by.pk if requested_by is not None else None)
+    result = stripe_sync.ReconcileResult()
+    return _recorded(run, result, lambda: stripe_sync.reconcile(
+        payouts if payouts is not None else stripe_sync.payouts_to_reconcile(), apply=apply,
+        origin=origin, reader=StripeReader(), tick=tick, result=result))
 
-    def work(tick: stripe_sync.Tick) -> Finished:
-        chosen = payouts if payouts is not None else stripe_sync.payouts_to_reconcile()
-        result = stripe_sync.reconcile(chosen, apply=apply, origin=origin,
-                                       reader=StripeReader(), tick=tick)
-        # Payouts Stripe could not answer for: "nothing drifted" cannot be said.
-        run.error = "; ".join(result.errors)[:4000]
-        status = (RunStatus.DRIFTED if result.drifts
-                  else RunStatus.FAILED if result.errors else RunStatus.OK)
-        return Finished(status, result.counts(), stripe_sync.drift_findings(result))
 
-    return _recorded(run, work, tick)
+def scheduled_sync_days() -> int:
+    """How far back a scheduled sync lists: SYNC_EVENTS_DAYS, or back to the start of
+    the last run that listed every account (up to Stripe's 30 days), so an outage of
+    the workers longer than SYNC_EVENTS_DAYS loses nothing Stripe still keeps."""
+    last_ok = (JobRun.objects.filter(job=Job.SYNC_EVENTS, status=RunStatus.OK)
+               .order_by("-started_at").values_list("started_at", flat=True).first())
+    days = settings.SYNC_EVENTS_DAYS
+    if last_ok is not None:
+        days = max(days, min(stripe_sync.SYNC_MAX_DAYS, (timezone.now() - last_ok).days + 1))
+    return int(days)
 
 
 # --- the schedule --------------------------------------------------------------------------
@@ -214,34 +223,55 @@ def lease_free(name: str, runner: str, *, done: bool) -> None:
 
 
 class Scheduled:
-    """A job run by a worker's schedule: renews its lease as the job reports progress."""
+    """A job run by a worker's schedule. A thread renews its lease every RENEW_EVERY_S
+    while it runs; the job stops at its next step when the lease is lost or the worker
+    stops."""
 
     def __init__(self, name: str, worker: str, stopping: Callable[[], bool]) -> None:
         self.name = name
         self.runner = f"{worker}:{secrets.token_hex(3)}"[:128]
         self.stopping = stopping
-        self._renewed = time.monotonic()
+        self.lost = False
+        self._done = threading.Event()
 
     def tick(self, message: str) -> None:
         if self.stopping():
             raise LeaseLost("the worker is stopping")
-        if time.monotonic() - self._renewed < RENEW_EVERY_S:
-            return
-        if not _execute(RENEW_SQL, {"name": self.name, "runner": self.runner, "lease": LEASE}):
-            raise LeaseLost("its lease ran out and another runner may hold the job")
-        self._renewed = time.monotonic()
+        if self.lost:
+            raise LeaseLost("its lease could not be renewed; another runner may hold the job")
+
+    def _renew(self) -> None:
+        try:
+            while not self._done.wait(RENEW_EVERY_S):
+                if not _execute(RENEW_SQL, {"name": self.name, "runner": self.runner,
+                                            "lease": LEASE}):
+                    self.lost = True
+                    return
+        except Exception:
+            log.exception("job.lease_renewal_failed", job=self.name)
+            self.lost = True
+        finally:
+            connection.close()  # this thread's own connection
 
     def run(self) -> JobRun:
-        """Run the leased job, then free it (and set when it is next due)."""
+        """Run the leased job, then free it: next due an interval from now, or at once if
+        it was interrupted."""
+        renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.name}")
+        renewer.start()
+        run: JobRun | None = None
         try:
             if self.name == Job.SYNC_EVENTS:
-                run = sync_events(days=settings.SYNC_EVENTS_DAYS, trigger=Trigger.SCHEDULE,
+                run = sync_events(days=scheduled_sync_days(), trigger=Trigger.SCHEDULE,
                                   runner=self.runner, tick=self.tick)
             else:
                 run = reconcile_payouts(apply=True, trigger=Trigger.SCHEDULE,
                                         runner=self.runner, tick=self.tick)
         finally:
-            lease_free(self.name, self.runner, done=not self.stopping())
+            self._done.set()
+            renewer.join()
+            interrupted = run is None or run.status == RunStatus.ABANDONED
+            lease_free(self.name, self.runner, done=not interrupted)
+        assert run is not None
         return run
 
 

@@ -104,10 +104,11 @@ def _with_payout_fetched(event_id: int, trigger: str, nowait: bool,
     that may never come; then run the event again."""
     from payouts.services import stripe_sync  # it stores what it fetches through here
 
-    event = WebhookEvent.objects.only("stripe_event_id", "account", "source").get(pk=event_id)
+    event = WebhookEvent.objects.only("stripe_event_id", "account", "source",
+                                      "stripe_object_id").get(pk=event_id)
     stripe_payout_id = waiting.missing_payout
-    if event.source == WebhookEvent.Source.RESYNC:
-        return waiting  # Stripe's own answer named it: asking again would loop
+    if event.source == WebhookEvent.Source.RESYNC and event.stripe_object_id == stripe_payout_id:
+        return waiting  # Stripe's own answer for it: asking again would loop
     if event.account and not Seller.objects.filter(stripe_account_id=event.account).exists():
         return waiting  # its payout could not be created yet either
     origin = inbox.Origin(WebhookEvent.Source.RESYNC,
@@ -117,6 +118,9 @@ def _with_payout_fetched(event_id: int, trigger: str, nowait: bool,
                                                       origin=origin)
     except StripeReadError as exc:
         return replace(waiting, reason=f"{waiting.reason}; asking Stripe for it: {exc}")
+    if fetched.missing_payout:  # a reversal whose original we lack too: fetch that now
+        fetched = event_process(event_id=WebhookEvent.objects.get(stripe_event_id=resync_id).pk,
+                                trigger=Trigger.WORKER, worker="fetch", nowait=nowait)
     if fetched.kind != Outcome.APPLIED:
         return replace(waiting, reason=f"{waiting.reason}; fetched from Stripe as {resync_id}, "
                                        f"which was {fetched.kind}: {fetched.reason}")
@@ -188,8 +192,8 @@ def event_receive(payload: dict[str, Any], body: bytes, headers: dict[str, str],
     the inbox, exactly as a stored event whose processing failed. Raises
     ``DatabaseError`` only when the event could not be stored at all.
 
-    A delivery finds its payout busy at once (``nowait``: Stripe waits on the answer);
-    events we fetched or made ourselves (``origin``) wait for the lock instead.
+    ``nowait``: a busy payout fails the transaction at once, for a delivery (Stripe
+    waits on the answer); events we fetched or made ourselves wait for the lock.
     """
     received_at = timezone.now()
     # A duplicate is answered without opening a transaction; the insert still settles

@@ -28,7 +28,8 @@ import structlog
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from payouts.models import Payout, Seller, WebhookEvent
+from payouts import transitions
+from payouts.models import JobRun, Payout, Seller, WebhookEvent
 from payouts.services import inbox, ledger, processing
 from payouts.services.outcome import Outcome, ProcessingOutcome
 from payouts.stripe_api import (
@@ -37,11 +38,12 @@ from payouts.stripe_api import (
     StripeReader,
     StripeRefused,
     StripeUnavailable,
+    stripe_client,
 )
 
 log = structlog.get_logger(__name__)
 
-SYNC_MAX_DAYS = 30  # how long the Events API keeps an event
+SYNC_MAX_DAYS = WebhookEvent.KEPT_BY_STRIPE.days  # the Events API's window
 CHANGED_RECENTLY = timedelta(days=7)  # reconcile also checks payouts changed since
 # Requests in a row that Stripe could not answer (retries ran out): stop the run.
 GIVE_UP_AFTER_UNAVAILABLE = 3
@@ -50,10 +52,10 @@ GIVE_UP_AFTER_UNAVAILABLE = 3
 LIST_FROM = 3
 LIST_DAYS = 8
 LIST_MARGIN = timedelta(days=1)
+# Fetching a payout an event names: a worker, or a person's replay, waits on it.
+FETCH_TIMEOUT_S = 5.0
 # The event a resync is stored as: the type Stripe sends for the payout's status.
-RESYNC_TYPE = {Payout.Status.PAID: "payout.paid", Payout.Status.FAILED: "payout.failed",
-               Payout.Status.CANCELED: "payout.canceled"}
-Source = WebhookEvent.Source
+RESYNC_TYPE = {status: event_type for event_type, status in transitions.STATUS_OF_TYPE.items()}
 Tick = Callable[[str], None]  # told what is going on: for progress and the job's lease
 
 
@@ -64,18 +66,23 @@ def quiet(message: str) -> None:
 # --- resync events -------------------------------------------------------------------------
 
 
-def resync_event(answer: Answer, *, account: str, known: bool) -> dict[str, Any]:
+def resync_event(answer: Answer, *, account: str, known: bool,
+                 event_id: str = "") -> dict[str, Any]:
     """Stripe's payout (``answer`` of ``GET /v1/payouts/{id}``) as an event for the
     processor: ``payout.created`` for a payout we do not know, else the type Stripe
-    sends for its status. It is as new as Stripe's answer (Stripe's clock, from the
-    ``Date`` header), so events older than it are skipped and newer ones apply."""
+    sends for its status.
+
+    Its ``created`` is one second before Stripe's ``Date`` of the answer (Stripe's
+    clock): every event made after the read is newer and applies; one made in the
+    same second before the read may apply after it too, but only moves the payout
+    forward (the transition table refuses going back)."""
     payout_object = answer.data
     status = str(payout_object.get("status") or "")
     return {
-        "id": f"resync_{secrets.token_hex(12)}",
+        "id": event_id or f"resync_{secrets.token_hex(12)}",
         "object": "event",
         "type": RESYNC_TYPE.get(status, "payout.updated") if known else "payout.created",
-        "created": int(answer.stripe_time.timestamp()),
+        "created": int(answer.stripe_time.timestamp()) - 1,
         "livemode": bool(payout_object.get("livemode", False)),
         "api_version": None,
         "account": account or None,
@@ -84,27 +91,34 @@ def resync_event(answer: Answer, *, account: str, known: bool) -> dict[str, Any]
     }
 
 
-def _resync_store(answer: Answer, *, account: str, known: bool,
-                  origin: inbox.Origin) -> tuple[str, ProcessingOutcome]:
-    """Store Stripe's payout as a resync event and process it now; its id and outcome."""
-    event = resync_event(answer, account=account, known=known)
+def _resync_store(event: dict[str, Any], answer: Answer,
+                  origin: inbox.Origin) -> ProcessingOutcome:
+    """Store a resync event and process it now. A resync stored before under the same id
+    (a payout fetched before) is not stored again: its status is the outcome."""
     received = processing.event_receive(event, json.dumps(event).encode(),
                                         {"request-id": answer.request_id}, origin=origin,
                                         nowait=False)
-    assert received.outcome is not None, "a resync event's id is new"
-    return event["id"], received.outcome
+    if received.outcome is not None:
+        return received.outcome
+    stored = WebhookEvent.objects.get(stripe_event_id=event["id"])
+    kind = Outcome.APPLIED if stored.status == WebhookEvent.Status.PROCESSED else Outcome.RETRY
+    return ProcessingOutcome(kind, f"{stored.stripe_event_id} is {stored.status}: "
+                                   f"{stored.status_reason}", status_after=stored.status)
 
 
-def payout_fetch(stripe_payout_id: str, *, account: str, origin: inbox.Origin,
-                 reader: StripeReader | None = None) -> tuple[str, ProcessingOutcome]:
+def payout_fetch(stripe_payout_id: str, *, account: str,
+                 origin: inbox.Origin) -> tuple[str, ProcessingOutcome]:
     """A payout an event names that we do not know: fetch it from Stripe and create it
-    (a resync ``payout.created``). Raises ``StripeMissing`` when Stripe lacks it too."""
-    reader = reader or StripeReader()
+    (a resync ``payout.created``, one per payout however often it is asked for). One
+    short try: the caller waits. Raises ``StripeMissing`` when Stripe lacks it too."""
+    reader = StripeReader(stripe_client(timeout_s=FETCH_TIMEOUT_S), attempts=1)
     answer = reader.get(f"/v1/payouts/{stripe_payout_id}", account=account)
-    event_id, outcome = _resync_store(answer, account=account, known=False, origin=origin)
+    event = resync_event(answer, account=account, known=False,
+                         event_id=f"resync_created_{stripe_payout_id}")
+    outcome = _resync_store(event, answer, origin)
     log.info("stripe.payout_fetched", payout=stripe_payout_id, account=account or None,
-             resync_event=event_id, outcome=outcome.kind)
-    return event_id, outcome
+             resync_event=event["id"], outcome=outcome.kind)
+    return event["id"], outcome
 
 
 # --- sync_events ---------------------------------------------------------------------------
@@ -119,21 +133,33 @@ class AccountSync:
     new: int = 0  # stored by this run
     applied: int = 0
     held: int = 0
-    waiting: int = 0  # stored, to be retried (e.g. its seller is not known yet)
+    waiting: int = 0  # stored, to be retried (its seller is not known yet, an error)
     unchanged: int = 0  # skipped or ignored: nothing to change
-    refused: int = 0  # not an event we can store (logged)
+    malformed: int = 0  # not an event we can store (logged)
     error: str = ""  # why Stripe did not list the account's events
 
 
 @dataclass
 class SyncResult:
+    """A run's counts per account, filled in as it goes."""
+
     accounts: list[AccountSync] = field(default_factory=list)
 
-    def totals(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int]:
         keys = [k for k in asdict(AccountSync("")) if k not in ("account", "error")]
         return {"accounts": len(self.accounts),
                 **{k: sum(getattr(a, k) for a in self.accounts) for k in keys},
                 "errors": sum(bool(a.error) for a in self.accounts)}
+
+    def findings(self) -> list[dict[str, Any]]:
+        return [asdict(a) for a in self.accounts if a.listed or a.error]
+
+    def problems(self) -> str:
+        """Accounts Stripe would not list: their missed events cannot be known."""
+        return "; ".join(a.error for a in self.accounts if a.error)
+
+    def status(self) -> str:
+        return JobRun.Status.FAILED if self.problems() else JobRun.Status.OK
 
 
 TALLY = {Outcome.APPLIED: "applied", Outcome.HELD: "held", Outcome.SKIPPED: "unchanged",
@@ -141,16 +167,18 @@ TALLY = {Outcome.APPLIED: "applied", Outcome.HELD: "held", Outcome.SKIPPED: "unc
 
 
 def sync_events(*, days: int, origin: inbox.Origin, reader: StripeReader | None = None,
-                tick: Tick = quiet) -> SyncResult:
+                tick: Tick = quiet, result: SyncResult | None = None) -> SyncResult:
     """List the ``payout.*`` events of the last ``days`` for the platform and every
     seller, and process each one we have not stored, oldest first. Safe to run twice,
-    or twice at once: an event is stored once (its id is unique)."""
+    or twice at once: an event is stored once (its id is unique). ``result`` collects
+    the counts as they come (the caller keeps them if the run stops early)."""
     if not 1 <= days <= SYNC_MAX_DAYS:
-        raise ValueError(f"days must be 1 to {SYNC_MAX_DAYS} (Stripe keeps events 30 days)")
+        raise ValueError(f"days must be 1 to {SYNC_MAX_DAYS}: Stripe keeps events "
+                         f"{SYNC_MAX_DAYS} days")
     reader = reader or StripeReader()
     since = int((timezone.now() - timedelta(days=days)).timestamp())
     accounts = ["", *Seller.objects.order_by("id").values_list("stripe_account_id", flat=True)]
-    result = SyncResult()
+    result = result if result is not None else SyncResult()
     unavailable = 0
     for number, account in enumerate(accounts, 1):
         try:
@@ -162,10 +190,10 @@ def sync_events(*, days: int, origin: inbox.Origin, reader: StripeReader | None 
             if unavailable >= GIVE_UP_AFTER_UNAVAILABLE:
                 raise
         result.accounts.append(counts)
-        totals = result.totals()
+        totals = result.counts()
         tick(f"[{number}/{len(accounts)} accounts] listed {totals['listed']}, "
              f"new {totals['new']}, applied {totals['applied']}, held {totals['held']}")
-    log.info("stripe.events_synced", days=days, **result.totals())
+    log.info("stripe.events_synced", days=days, **result.counts())
     return result
 
 
@@ -181,7 +209,7 @@ def _sync_account(account: str, since: int, reader: StripeReader, origin: inbox.
             continue
         problem = inbox.event_shape_problem(event)
         if problem:
-            counts.refused += 1
+            counts.malformed += 1
             log.warning("stripe.event_refused", account=account or None,
                         event=str(event.get("id"))[:80], problem=problem)
             continue
@@ -243,16 +271,21 @@ def _shown(name: str, value: Any) -> str:
     return str(value)
 
 
+def _compared(stripe_payout: dict[str, Any]) -> dict[str, Any]:
+    """What reconcile compares of a Stripe payout."""
+    currency = stripe_payout.get("currency")
+    return {"status": stripe_payout.get("status"), "amount": stripe_payout.get("amount"),
+            "currency": currency.lower() if isinstance(currency, str) else currency,
+            "arrival_date": stripe_payout.get("arrival_date"),
+            "failure_code": stripe_payout.get("failure_code") or None}
+
+
 def differences(payout: Payout, stripe_payout: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """Each compared field where our payout differs from Stripe's: (ours, Stripe's)."""
     ours = {"status": payout.status, "amount": payout.amount,
             "currency": payout.currency.lower(), "arrival_date": _unix(payout.arrival_date),
             "failure_code": payout.failure_code or None}
-    currency = stripe_payout.get("currency")
-    theirs = {"status": stripe_payout.get("status"), "amount": stripe_payout.get("amount"),
-              "currency": currency.lower() if isinstance(currency, str) else currency,
-              "arrival_date": stripe_payout.get("arrival_date"),
-              "failure_code": stripe_payout.get("failure_code") or None}
+    theirs = _compared(stripe_payout)
     return {name: (_shown(name, ours[name]), _shown(name, theirs[name]))
             for name in ours if ours[name] != theirs[name]}
 
@@ -282,6 +315,8 @@ class Drift:
 
 @dataclass
 class ReconcileResult:
+    """A run's findings, filled in as it goes."""
+
     checked: int = 0
     drifts: list[Drift] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # payouts Stripe could not answer for
@@ -293,18 +328,33 @@ class ReconcileResult:
                 "not_applied": sum(bool(d.applied) and not d.missing for d in self.drifts)
                 - len(applied), "errors": len(self.errors)}
 
+    def findings(self) -> list[dict[str, Any]]:
+        return [{**asdict(d), "fields": {k: list(v) for k, v in d.fields.items()}}
+                for d in self.drifts]
+
+    def problems(self) -> str:
+        """Payouts Stripe could not answer for: "nothing drifted" cannot be said."""
+        return "; ".join(self.errors)
+
+    def status(self) -> str:
+        if self.drifts:
+            return JobRun.Status.DRIFTED
+        return JobRun.Status.FAILED if self.errors else JobRun.Status.OK
+
 
 def reconcile(payouts: Iterable[Payout], *, apply: bool, origin: inbox.Origin,
-              reader: StripeReader | None = None, tick: Tick = quiet) -> ReconcileResult:
+              reader: StripeReader | None = None, tick: Tick = quiet,
+              result: ReconcileResult | None = None) -> ReconcileResult:
     """Compare each payout with Stripe's (status, amount, currency, arrival date, failure
     code). With ``apply``, bring each drifted one to Stripe's state through the processor;
     one it does not apply (held: amount or currency differ; skipped: against the rules)
     is marked for review, as is a payout Stripe does not know. Nothing is deleted.
 
     An account's recent payouts are read by listing them (100 a request), the others
-    one by one (``GET /v1/payouts/{id}``)."""
+    one by one (``GET /v1/payouts/{id}``). ``result`` collects what is found as it comes
+    (the caller keeps it if the run stops early)."""
     reader = reader or StripeReader()
-    result = ReconcileResult()
+    result = result if result is not None else ReconcileResult()
     by_account: dict[str, list[Payout]] = defaultdict(list)
     for payout in payouts:
         by_account[payout.seller.stripe_account_id if payout.seller else ""].append(payout)
@@ -328,7 +378,8 @@ def reconcile(payouts: Iterable[Payout], *, apply: bool, origin: inbox.Origin,
                 continue
             unavailable = 0
             result.checked += 1
-            if answer is not None:
+            if answer is not None and differences(payout, answer.data):
+                payout.refresh_from_db()  # a webhook may have moved it since the run began
                 drift.fields = differences(payout, answer.data)
             if drift.missing or drift.fields:
                 if apply:
@@ -371,16 +422,40 @@ def _bring_to_stripe(drift: Drift, answer: Answer | None, origin: inbox.Origin) 
                                                 f"{drift.stripe_payout_id} (404); check it")
         drift.applied = "marked for review"
         return
-    drift.event, outcome = _resync_store(answer, account=drift.account, known=True,
-                                         origin=origin)
+    before = _unapplied_resync(drift.stripe_payout_id, answer.data)
+    if before is not None:  # a person has it already: no new event every run
+        drift.event = before.stripe_event_id
+        drift.applied = (f"not sent again: {before.stripe_event_id} carried the same state "
+                         f"and is {before.status}")
+        return
+    event = resync_event(answer, account=drift.account, known=True)
+    outcome = _resync_store(event, answer, origin)
+    drift.event = event["id"]
     drift.applied = f"{outcome.kind}: {outcome.reason}" if outcome.reason else outcome.kind
-    if outcome.kind != Outcome.APPLIED:
+    # Skipped because a newer event moved the payout since the read: nothing to look at.
+    if outcome.kind == Outcome.HELD or (
+            outcome.kind == Outcome.SKIPPED and not _moved_since(drift.payout_id,
+                                                                  event["created"])):
         fields = ", ".join(f"{name} {stripe}" for name, (_, stripe) in drift.fields.items())
         ledger.flag_for_review(drift.payout_id, f"reconcile: Stripe has {fields}, not "
                                                 f"applied ({outcome.kind}: {outcome.reason})")
 
 
-def drift_findings(result: ReconcileResult) -> list[dict[str, Any]]:
-    return [{**asdict(d), "fields": {k: list(v) for k, v in d.fields.items()}}
-            for d in result.drifts]
+def _unapplied_resync(stripe_payout_id: str,
+                      stripe_payout: dict[str, Any]) -> WebhookEvent | None:
+    """The payout's newest resync, when it was held or skipped and carried the state
+    Stripe has now."""
+    last = (WebhookEvent.objects.filter(stripe_object_id=stripe_payout_id,
+                                        source=WebhookEvent.Source.RESYNC)
+            .order_by("-stripe_created", "-id").first())
+    if last is None or last.status not in (WebhookEvent.Status.HELD,
+                                            WebhookEvent.Status.SKIPPED):
+        return None
+    carried = json.loads(bytes(last.raw_body))["data"]["object"]
+    return last if _compared(carried) == _compared(stripe_payout) else None
 
+
+def _moved_since(payout_id: int, created: int) -> bool:
+    """Whether an event newer than ``created`` (Unix seconds) was applied to the payout."""
+    last = Payout.objects.values_list("last_event_created", flat=True).get(pk=payout_id)
+    return last is not None and last > datetime.fromtimestamp(created, tz=UTC)

@@ -14,7 +14,8 @@ class Command(BaseCommand):
     help = ("Compare status, amount, currency, arrival date and failure code of every payout "
             "not final, marked for review or changed in the last 7 days with GET "
             "/v1/payouts/{id}. Prints one line per drifted payout. Exit 0: nothing drifted; "
-            "1: some did (or Stripe lacks them); 2: the run failed. With --apply, each drifted "
+            "1: some did (or Stripe lacks them); 2: the run failed or some payouts could not be "
+            "checked. With --apply, each drifted "
             "payout takes Stripe's state through the processor (a resync event).")
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -33,17 +34,15 @@ class Command(BaseCommand):
         for finding in run.findings:
             fields = {k: tuple(v) for k, v in finding.pop("fields").items()}
             self.stdout.write(Drift(**finding, fields=fields).line())
-        if run.status == JobRun.Status.FAILED and not run.counts:  # stopped early
-            raise CommandError(run.error, returncode=2)
-        if run.error:  # payouts Stripe could not answer for
-            self.stderr.write(run.error)
         counts = run.counts
         self.stdout.write(f"reconcile_payouts: checked {counts['checked']}, drifted "
                           f"{counts['drifted']}, missing at Stripe {counts['missing']}"
                           + (f", applied {counts['applied']}, not applied "
                              f"{counts['not_applied']}" if apply else "")
                           + (f", errors {counts['errors']}" if counts["errors"] else ""))
+        if run.error or run.status in (JobRun.Status.FAILED, JobRun.Status.ABANDONED):
+            self.stderr.write(run.error)
+            raise CommandError(f"the run {run.status}: not every payout was checked",
+                               returncode=2)
         if run.status == JobRun.Status.DRIFTED:
             raise CommandError("some payouts differ from Stripe's", returncode=1)
-        if run.status == JobRun.Status.FAILED:
-            raise CommandError("the run failed: see above", returncode=2)

@@ -231,7 +231,7 @@ class Command(BaseCommand):
                                                         scheduled)).duplicate else 1
         started = timezone.now() - timedelta(minutes=9)
         counts = {"accounts": len(SELLERS) + 1, "listed": 61, "new": 1, "applied": 1,
-                  "held": 0, "waiting": 0, "unchanged": 0, "refused": 0, "errors": 0}
+                  "held": 0, "waiting": 0, "unchanged": 0, "malformed": 0, "errors": 0}
         JobRun.objects.create(
             job=JobRun.Job.SYNC_EVENTS, trigger=JobRun.Trigger.SCHEDULE, runner="demo:1",
             scope="--days 3", apply=True, started_at=started,
@@ -268,7 +268,7 @@ class Command(BaseCommand):
             job=JobRun.Job.RECONCILE_PAYOUTS, trigger=JobRun.Trigger.SCHEDULE, runner="demo:1",
             apply=True, started_at=started, finished_at=started + timedelta(seconds=2),
             status=JobRun.Status.DRIFTED, counts=result.counts(),
-            findings=stripe_sync.drift_findings(result))
+            findings=result.findings())
         return count
 
     def _demo_payout(self, s: int, p: int) -> Payout:

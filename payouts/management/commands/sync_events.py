@@ -21,9 +21,9 @@ class Command(BaseCommand):
                                  "events 30 days)")
 
     def handle(self, *args: Any, days: int, **options: Any) -> None:
-        if not 1 <= days <= SYNC_MAX_DAYS:
+        if not 1 <= days <= SYNC_MAX_DAYS:  # before a run is recorded
             raise CommandError(f"--days must be 1 to {SYNC_MAX_DAYS}: Stripe keeps events "
-                               "30 days")
+                               f"{SYNC_MAX_DAYS} days")
         try:
             stripe_client()
         except StripeNotConfigured as exc:
@@ -39,14 +39,16 @@ class Command(BaseCommand):
                 f"{name}: listed {account['listed']}, new {account['new']}, applied "
                 f"{account['applied']}, held {account['held']}, waiting {account['waiting']}, "
                 f"unchanged {account['unchanged']}"
-                + (f", refused {account['refused']}" if account["refused"] else ""))
-        if run.status == JobRun.Status.FAILED and not run.counts:  # stopped early
-            raise CommandError(run.error, returncode=2)
+                + (f", malformed {account['malformed']}" if account["malformed"] else ""))
         totals = run.counts
         self.stdout.write(f"sync_events: {totals['accounts']} account(s), listed "
                           f"{totals['listed']}, new {totals['new']}, applied {totals['applied']}, "
                           f"held {totals['held']}, waiting {totals['waiting']}"
                           + (f", accounts not listed {totals['errors']}"
                              if totals["errors"] else ""))
-        if run.status == JobRun.Status.FAILED:
-            raise CommandError("some accounts could not be listed: see above", returncode=2)
+        if run.status != JobRun.Status.OK:
+            listed_errors = "; ".join(a["error"] for a in run.findings if a["error"])
+            if run.error != listed_errors:  # it stopped before the end: say why
+                self.stderr.write(run.error)
+            raise CommandError(f"the run {run.status}: not every account was listed",
+                               returncode=2)
