@@ -35,7 +35,13 @@ from payouts.models import (
 from payouts.services import jobs, stripe_sync
 from payouts.services.outcome import Outcome
 from payouts.services.processing import Trigger, event_process, event_receive
-from payouts.stripe_api import StripeKeyRefused, StripeMissing, StripeReader, StripeUnavailable
+from payouts.stripe_api import (
+    StripeKeyRefused,
+    StripeMissing,
+    StripeNotConfigured,
+    StripeReader,
+    StripeUnavailable,
+)
 from tests.factories import make_payout, make_seller
 from tests.fakestripe import FakeStripe
 from tests.payouts.helpers import REPO, deliver, ledger_state, payout_event, server_env
@@ -147,6 +153,15 @@ def test_a_bad_key_stops_at_once_naming_the_setting(fake: FakeStripe, settings: 
     with pytest.raises(StripeKeyRefused, match="STRIPE_API_KEY"):
         client.get("/v1/events")
     assert client.requests == 1
+
+
+def test_a_key_of_the_other_mode_is_refused_before_any_request(fake: FakeStripe,
+                                                              settings: Any) -> None:
+    settings.STRIPE_LIVEMODE = True
+    with pytest.raises(StripeNotConfigured, match="STRIPE_API_KEY is not a live-mode key"):
+        reader()
+    assert command("sync_events")[0] == 2
+    assert not fake.requests and not JobRun.objects.exists()
 
 
 def test_a_payout_is_found_only_on_its_own_account(fake: FakeStripe) -> None:
