@@ -55,5 +55,8 @@ def configure(log_format: str, level: str) -> dict[str, Any]:
         "loggers": {
             # Django logs every 4xx as a warning; our views log their own, richer events.
             "django.request": {"level": "ERROR"},
+            # stripe-python logs every request and error at INFO; ours (stripe.read_failed,
+            # job.*) say what matters, with the request id.
+            "stripe": {"level": "WARNING"},
         },
     }

@@ -54,7 +54,8 @@ class Worker:
     def run(self, *, once: bool = False) -> int:
         """Process due events until stopped (or, with ``once``, until none is due)."""
         handled = 0
-        log.info("worker.started", worker=self.name, once=once)
+        log.info("worker.started", worker=self.name, once=once,
+                 scheduled={name: str(every) for name, every in jobs.intervals().items()})
         while not self._stopping:
             close_old_connections()  # as Django does per request: drop a broken connection
             try:
