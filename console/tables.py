@@ -4,6 +4,7 @@ from typing import Any
 
 import django_tables2 as tables
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
@@ -79,7 +80,7 @@ class EventTable(tables.Table):
                                     attrs={"td": {"class": "mono"}})
     type = tables.Column()
     status = BadgeColumn()
-    status_reason = tables.Column(verbose_name="Why", orderable=False)
+    status_reason = tables.Column(verbose_name="Why", orderable=False, empty_values=())
     stripe_object_id = tables.Column(verbose_name="Object", attrs={"td": {"class": "mono"}})
     stripe_created = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Created",
                                            attrs={"td": {"class": "num"}})
@@ -95,6 +96,20 @@ class EventTable(tables.Table):
         attrs = {"class": "table", "id": "events-table"}
         row_attrs = {"id": lambda record: f"event-{record.pk}"}
         template_name = "console/_events_table.html"
+
+    def render_status_reason(self, value: str, record: WebhookEvent) -> str:
+        """Why; for a dead event also how long Stripe still keeps it (to list it again)."""
+        kept_until = record.kept_by_stripe_until
+        if record.status != WebhookEvent.Status.DEAD or kept_until is None:
+            return value or "—"
+        if kept_until > timezone.now():
+            kept = format_html('<span class="kept" title="Stripe\'s Events API lists an event '
+                               'for 30 days after it was created">kept at Stripe until {} UTC'
+                               '</span>', f"{kept_until:%Y-%m-%d %H:%M}")
+        else:
+            kept = format_html('<span class="kept gone">no longer kept at Stripe (since {} UTC)'
+                               '</span>', f"{kept_until:%Y-%m-%d %H:%M}")
+        return format_html("{}{}", value or "", kept)
 
 
 

@@ -21,14 +21,14 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 from django_tables2 import RequestConfig
 
-from console import charts
+from console import charts, reconciliation
 from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
 from console.tables import EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
-from payouts.models import Payout, TransactionLog, WebhookEvent
-from payouts.services import inbox, seller_payouts
+from payouts.models import JobRun, Payout, TransactionLog, WebhookEvent
+from payouts.services import inbox, jobs, seller_payouts
 from payouts.services.processing import event_replay
-from payouts.stripe_api import StripeNotConfigured
+from payouts.stripe_api import StripeNotConfigured, stripe_client
 
 log = structlog.get_logger(__name__)
 
@@ -79,8 +79,40 @@ def payout_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "console/payout_detail.html", {
         "payout": payout,
         "items": selectors.payout_items(payout),
-        "timeline": selectors.payout_timeline(payout),
+        "timeline": selectors.payout_timeline(payout).select_related("requested_by"),
+        "stripe_configured": bool(settings.STRIPE_API_KEY),
     })
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def payout_resync_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """Resync from Stripe: compare the payout with Stripe's and, if it drifted, bring it
+    to Stripe's state through the processor (a resync event on its timeline)."""
+    payout = get_object_or_404(Payout.objects.select_related("seller"), pk=pk,
+                               stripe_payout_id__isnull=False)
+    back = HttpResponseRedirect(reverse("payout-detail", args=[pk]), status=303)
+    try:
+        stripe_client()  # refuse before recording a run that cannot start
+    except StripeNotConfigured as exc:
+        messages.error(request, f"{payout}: not resynced. {exc}")
+        log.info("console.payout_resynced", user=request.user.get_username(),
+                 payout=str(payout), status="not_configured")
+        return back
+    run = jobs.reconcile_payouts(apply=True, trigger=JobRun.Trigger.CONSOLE,
+                                 requested_by=request.user,  # type: ignore[arg-type]
+                                 payouts=[payout])
+    if run.status == JobRun.Status.OK:
+        messages.success(request, f"{payout} matches Stripe: nothing to change.")
+    elif run.status == JobRun.Status.DRIFTED:
+        for line in reconciliation.resync_lines(run):
+            messages.warning(request, line)
+    else:
+        messages.error(request, f"{payout}: resync {run.status}. {run.error}")
+    log.info("console.payout_resynced", user=request.user.get_username(), payout=str(payout),
+             status=run.status, run=run.pk)
+    return back
 
 
 # --- creating payouts ----------------------------------------------------------------------
@@ -138,9 +170,12 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @permission_required("payouts.view_webhookevent", raise_exception=True)
 def event_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    event = get_object_or_404(WebhookEvent, pk=pk)
+    event = get_object_or_404(WebhookEvent.objects.select_related("requested_by"), pk=pk)
+    kept_until = event.kept_by_stripe_until
     return render(request, "console/event_detail.html", {
         "event": event,
+        "kept_until": kept_until,
+        "kept_past": kept_until is not None and kept_until <= timezone.now(),
         "payload": selectors.event_payload_pretty(event),
         "attempts": selectors.event_attempts(event),
         "transaction_logs": event.transaction_logs.order_by("started_at"),
@@ -227,6 +262,21 @@ def transaction_logs(request: HtmxHttpRequest) -> HttpResponse:
     })
 
 
+# --- reconciliation with Stripe ------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_payout", raise_exception=True)
+def reconciliation_page(request: HttpRequest) -> HttpResponse:
+    return render(request, "console/reconciliation.html", {
+        "runs": reconciliation.last_runs(),
+        "found": reconciliation.reconciliation(),
+        "to_review": selectors.payouts_to_review().count(),
+        "stripe_configured": bool(settings.STRIPE_API_KEY),
+    })
+
+
 # --- health --------------------------------------------------------------------------------
 
 
@@ -248,6 +298,8 @@ def health(request: HtmxHttpRequest) -> HttpResponse:
         "stuck": stuck,
         "backlog": selectors.event_backlog(),
         "to_review": selectors.payouts_to_review().count(),
+        "sync_jobs": reconciliation.last_run_of_each_job(),
+        "stripe_configured": bool(settings.STRIPE_API_KEY),
         "rejections": selectors.rejections(),
         "latency": selectors.processing_latency(day),
         "retries_chart": charts.bar_chart(

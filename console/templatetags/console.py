@@ -1,10 +1,12 @@
 from django import template
+from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from console import reconciliation
 from console.tables import money as format_money
 from console.tables import payout_status as format_payout_status
 from console.tables import status_badge
-from payouts.models import Payout
+from payouts.models import JobRun, Payout
 
 register = template.Library()
 
@@ -22,3 +24,24 @@ def payout_status(payout: Payout) -> SafeString:
 @register.simple_tag
 def money(amount: int | None, currency: str) -> str:
     return format_money(amount, currency)
+
+
+@register.filter
+def run_badge(run: JobRun) -> SafeString:
+    """A job run's status: ok green, drifted amber, failed red, abandoned grey, running blue."""
+    return SafeString(format_html('<span class="badge run-{}">{}</span>', run.status, run.status))
+
+
+@register.filter
+def run_who(run: JobRun) -> str:
+    return reconciliation.run_who(run)
+
+
+@register.filter
+def run_counts(run: JobRun) -> str:
+    return reconciliation.run_counts(run)
+
+
+@register.filter
+def run_duration(run: JobRun) -> str:
+    return reconciliation.run_duration(run)

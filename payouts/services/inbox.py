@@ -278,7 +278,7 @@ INSERT INTO {ATTEMPT}
     (event_id, trigger, worker, started_at, finished_at, outcome, reason, error, traceback,
      status_after, requested_by_id)
 SELECT id, %(trigger)s, '', %(received_at)s, clock_timestamp(), %(outcome)s, %(status_reason)s,
-       '', '', %(status)s, NULL
+       '', '', %(status)s, %(requested_by_id)s
 FROM event
 RETURNING event_id"""
 

@@ -34,7 +34,7 @@ from django.utils import timezone
 
 from payouts.models import JobRun, Payout, ScheduledJob, WebhookEvent
 from payouts.services import inbox, stripe_sync
-from payouts.stripe_api import StripeNotConfigured, StripeReader, StripeReadError
+from payouts.stripe_api import StripeNotConfigured, StripeReader, StripeReadError, stripe_client
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +44,7 @@ RunStatus = JobRun.Status
 LEASE = timedelta(minutes=2)
 RENEW_EVERY_S = 20.0
 SCHEDULE_CHECK_S = 10.0  # how often a worker looks for a due job
+CONSOLE_TIMEOUT_S = 10.0
 # Errors that end a run with its reason shown: Stripe's answer, not a bug.
 STRIPE_TROUBLE = (StripeNotConfigured, StripeReadError)
 SCHEDULED = ScheduledJob._meta.db_table
@@ -150,9 +151,12 @@ def reconcile_payouts(*, apply: bool, trigger: str, requested_by: AbstractBaseUs
     origin = inbox.Origin(WebhookEvent.Source.RESYNC, detail,
                           requested_by.pk if requested_by is not None else None)
     result = stripe_sync.ReconcileResult()
+    # A person waits on a console resync: one short try, not a minute of retries.
+    reader = (StripeReader(stripe_client(timeout_s=CONSOLE_TIMEOUT_S), attempts=1)
+              if trigger == Trigger.CONSOLE else StripeReader())
     return _recorded(run, result, lambda: stripe_sync.reconcile(
         payouts if payouts is not None else stripe_sync.payouts_to_reconcile(), apply=apply,
-        origin=origin, reader=StripeReader(), tick=tick, result=result))
+        origin=origin, reader=reader, tick=tick, result=result))
 
 
 def scheduled_sync_days() -> int:

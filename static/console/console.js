@@ -6,3 +6,15 @@ document.addEventListener("change", (event) => {
     box.checked = all.checked;
   }
 });
+
+// Forms marked data-submit-once post once: a double click does not send a second request.
+document.addEventListener("submit", (event) => {
+  const form = event.target.closest("form[data-submit-once]");
+  if (!form) return;
+  if (form.dataset.sent) {
+    event.preventDefault();
+    return;
+  }
+  form.dataset.sent = "1";
+  setTimeout(() => form.querySelectorAll("button").forEach((b) => { b.disabled = true; }), 0);
+});

@@ -243,11 +243,14 @@ def test_a_waiting_event_says_when_it_gives_up(demo, settings):
 def test_payouts_to_review_and_reversed_payouts_are_filters(demo):
     client = client_for("Support")
     review = client.get(reverse("payout-list"), {"flag": "review"})
-    assert [row.record.stripe_payout_id for row in review.context["table"].paginated_rows] == [
-        Payout.objects.get(review_reason__contains="same second").stripe_payout_id]
+    # seed_demo's same-second tie, and its payout missing at Stripe (reconcile_payouts).
+    marked = [Payout.objects.get(review_reason__contains=reason).stripe_payout_id
+              for reason in ("same second", "Stripe does not know")]
+    assert sorted(row.record.stripe_payout_id
+                  for row in review.context["table"].paginated_rows) == sorted(marked)
     reversed_ = client.get(reverse("payout-list"), {"flag": "reversed"})
     [row] = reversed_.context["table"].paginated_rows
     assert row.record.is_reversed
     assert "badge-reversed" in reversed_.content.decode()
     health = client_for("Managers").get(reverse("health")).content.decode()
-    assert "1 payout to review" in health
+    assert "2 payouts to review" in health
