@@ -28,7 +28,7 @@ import structlog
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from payouts import transitions
+from payouts import stripe_events, transitions
 from payouts.models import JobRun, Payout, Seller, WebhookEvent
 from payouts.services import inbox, ledger, processing
 from payouts.services.outcome import Outcome, ProcessingOutcome
@@ -114,7 +114,7 @@ def payout_fetch(stripe_payout_id: str, *, account: str,
     reader = StripeReader(stripe_client(timeout_s=FETCH_TIMEOUT_S), attempts=1)
     answer = reader.get(f"/v1/payouts/{stripe_payout_id}", account=account)
     event = resync_event(answer, account=account, known=False,
-                         event_id=f"resync_created_{stripe_payout_id}")
+                         event_id=stripe_events.derived_id("resync", "created", stripe_payout_id))
     outcome = _resync_store(event, answer, origin)
     log.info("stripe.payout_fetched", payout=stripe_payout_id, account=account or None,
              resync_event=event["id"], outcome=outcome.kind)
@@ -210,7 +210,7 @@ def _sync_account(account: str, since: int, reader: StripeReader, origin: inbox.
         problem = inbox.event_shape_problem(event)
         if problem:
             counts.malformed += 1
-            log.warning("stripe.event_refused", account=account or None,
+            log.warning("stripe.event_malformed", account=account or None,
                         event=str(event.get("id"))[:80], problem=problem)
             continue
         if account and event.get("account") not in (None, account):

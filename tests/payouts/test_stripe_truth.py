@@ -476,8 +476,9 @@ def test_an_event_for_an_unknown_payout_fetches_it_from_stripe(fake: FakeStripe,
     outcome = event_process(event_id=stored.pk, trigger=Trigger.WORKER)
     # Stripe's payout (paid) is newer than the event: the event changes nothing more.
     assert outcome.kind == Outcome.SKIPPED, outcome
-    assert outcome.reason.startswith("po_neverCreated fetched from Stripe "
-                                     "(resync_created_po_neverCreated); older than")
+    fetched = stripe_events.derived_id("resync", "created", "po_neverCreated")
+    assert outcome.reason.startswith(f"po_neverCreated fetched from Stripe ({fetched}); "
+                                     "older than")
     payout = Payout.objects.get(stripe_payout_id="po_neverCreated")
     assert (payout.status, payout.amount, payout.seller) == ("paid", 5100, seller)
     resync = WebhookEvent.objects.get(source=Source.RESYNC)
@@ -502,8 +503,9 @@ def test_a_reversal_of_an_unknown_payout_fetches_both_once(fake: FakeStripe,
     reversal = Payout.objects.get(stripe_payout_id="po_revUnknown")
     assert reversal.original_payout == original and original.is_reversed
     assert sorted(WebhookEvent.objects.filter(source=Source.RESYNC).values_list(
-        "stripe_event_id", flat=True)) == ["resync_created_po_origUnknown",
-                                           "resync_created_po_revUnknown"]
+        "stripe_event_id", flat=True)) == sorted(
+        stripe_events.derived_id("resync", "created", po)
+        for po in ("po_origUnknown", "po_revUnknown"))
     assert len(fake.seen("GET", "/v1/payouts/po_revUnknown")) == 1
 
 
