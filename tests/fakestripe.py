@@ -172,14 +172,14 @@ class FakeStripe:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> FakeStripe:
+    def start(self, port: int = 0) -> FakeStripe:
         fake = self
 
         class Handler(_Handler):
             pass
 
         Handler.fake = fake
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         host, port = self._server.server_address[:2]
         self.url = f"http://{host}:{port}"
