@@ -55,7 +55,7 @@ class Worker:
         """Process due events until stopped (or, with ``once``, until none is due)."""
         handled = 0
         log.info("worker.started", worker=self.name, once=once,
-                 scheduled={name: str(every) for name, every in jobs.intervals().items()})
+                 scheduled={str(name): str(every) for name, every in jobs.intervals().items()})
         while not self._stopping:
             close_old_connections()  # as Django does per request: drop a broken connection
             try:
