@@ -15,8 +15,6 @@ reconcile_payouts --apply) when they are due and it gets their lease
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 
@@ -37,7 +35,7 @@ class Worker:
                  name: str | None = None) -> None:
         self.batch_size = batch_size
         self.idle_sleep_s = idle_sleep_s
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.name = name or jobs.runner_name()
         self._stopping = False
         self._job: threading.Thread | None = None
         self._schedule_checked = 0.0
