@@ -19,10 +19,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The demo: DEBUG on (so the development webhook secret applies), a worker for
-# retries in the background, the console in the foreground; Ctrl-C stops both.
-run: export DJANGO_DEBUG ?= true
-run: setup
+# The demo's settings, written once into the git-ignored .env that the settings read (so
+# commands typed by hand here behave the same): DEBUG on (so the development webhook
+# secret applies, over plain HTTP), the checkout's embedded database, a random key.
+.env:
+	@printf '%s\n' '# Written by `make run` for the demo in this checkout; real environment variables win.' \
+	  'DJANGO_DEBUG=true' 'DATABASE_URL=embedded' \
+	  "DJANGO_SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > $@
+	@echo "wrote $@ (the demo's settings)"
+
+# The demo: a worker for retries in the background, the console in the foreground;
+# Ctrl-C stops both.
+run: setup .env
 	$(BIN)/python manage.py migrate --noinput
 	LOG_LEVEL=WARNING $(BIN)/python manage.py seed_demo
 	$(BIN)/python manage.py process_webhooks & worker=$$!; \
@@ -61,5 +69,5 @@ lint: setup
 
 # Stop the embedded database and delete its data (it is created again on next use).
 clean-db: setup
-	-$(BIN)/python manage.py embedded_db stop
+	-DATABASE_URL=embedded $(BIN)/python manage.py embedded_db stop
 	rm -rf var/postgres

@@ -152,6 +152,8 @@ def child_env(database_url: str, **extra: str) -> dict[str, str]:
     env.update({
         "DATABASE_URL": database_url,
         "DJANGO_SECRET_KEY": "bench-only-secret-key-not-for-production-0123456789",
+        "DJANGO_HTTPS": "false",  # plain HTTP on 127.0.0.1 (DEBUG off redirects to HTTPS)
+        "DJANGO_ENV_FILE": "",  # never the demo checkout's .env
         "STRIPE_WEBHOOK_SECRET": SECRET,
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
         "LOG_FORMAT": "json",

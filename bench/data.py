@@ -31,6 +31,7 @@ SELLER = "payouts_seller"
 EVENT = "payouts_webhookevent"
 ATTEMPT = "payouts_webhookeventattempt"
 TXLOG = "payouts_transactionlog"
+REJECTION = "payouts_webhookrejection"
 
 def payout_id(pid: int) -> str:
     """The Stripe id of bench payout ``pid`` (see the module docstring)."""

@@ -8,6 +8,8 @@ HTTP/1.1 connection each), ``rate`` (events/s, open loop; null: closed loop, as 
 as the server answers), ``max_seconds`` (a hard bound on the run), ``resend``
 (keep resending an event until it is acknowledged, like Stripe retries; otherwise
 a failed delivery is counted and dropped), ``sample_every`` (keep every n-th latency).
+Signed with another ``secret`` than the server's, every delivery is junk (400
+bad_signature): the bench's flood.
 
 Bodies are built before the clock starts (exactly as ``payouts.stripe_events``
 builds them); each delivery is signed when it is sent, as Stripe signs it.
@@ -66,6 +68,8 @@ class Run:
         self.lock = threading.Lock()
         self.next_index = 0
         self.latencies: list[float] = []  # seconds, from due (open loop) or sent
+        # (when due or sent, in seconds from the start; latency): sampled as latencies
+        self.timeline: list[tuple[float, float]] = []
         self.service: list[float] = []  # seconds, from sent to answered
         self.http_status: Counter[str] = Counter()
         self.answer_status: Counter[str] = Counter()
@@ -125,6 +129,7 @@ class Run:
         conn: http.client.HTTPConnection | None = None
         latencies: list[float] = []
         service: list[float] = []
+        timeline: list[tuple[float, float]] = []
         try:
             while True:
                 index = self._take()
@@ -175,14 +180,17 @@ class Run:
                     self.answer_status[answer.get("status", "stored")] += 1
                     self.duplicates += bool(answer.get("duplicate"))
                 if index % self.sample_every == 0:
-                    latencies.append(done - (due if due is not None else sent))
+                    start = due if due is not None else sent
+                    latencies.append(done - start)
                     service.append(done - sent)
+                    timeline.append((start - self.started, done - start))
         finally:
             if conn is not None:
                 conn.close()
             with self.lock:
                 self.latencies.extend(latencies)
                 self.service.extend(service)
+                self.timeline.extend(timeline)
                 self.finished_at.append(time.perf_counter())
 
     def run(self) -> dict[str, Any]:
@@ -191,6 +199,7 @@ class Run:
         self.started = time.perf_counter() + 0.05
         self.deadline = self.started + self.max_seconds
         wall_started = time.time()
+        clock_started = wall_started + (self.started - time.perf_counter())
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -205,6 +214,8 @@ class Run:
             "http_status": dict(self.http_status), "answer_status": dict(self.answer_status),
             "errors": dict(self.errors), "connects": self.connects,
             "latencies_s": self.latencies, "service_s": self.service,
+            # the wall clock (time.time()) of offset 0 of ``timeline``, to line runs up
+            "clock_started": clock_started, "timeline": self.timeline,
             "acked_ids": sorted(self.acked) if self.resend else [],
             "unacked_ids": self.unacked,
             "rate": self.rate, "connections": self.connections,

@@ -14,6 +14,9 @@ port), one run, every figure side by side:
               server time of the console pages (Django test client, in process)
 6. replay     bulk replay of 10 000 failed events (event_replay)
 7. failed     a failed payout with 10 000 transactions: its one transaction
+8. flood      valid deliveries (open loop) alone, then while 2 000 junk deliveries (bad
+              signatures, 64 connections) arrive at once: their p50/p99 during the
+              flood against the quiet run; also with one write per refusal (before)
 
 Prints a table and writes ``var/bench/results.json``. Everything it starts
 (PostgreSQL, gunicorn, workers, the load generator) is stopped at the end, also
@@ -62,10 +65,13 @@ from bench.common import (
     write_json,
 )
 
-SECTIONS = ["limit", "e2e", "ingest", "hot", "console", "replay", "failed"]
+SECTIONS = ["limit", "e2e", "ingest", "hot", "console", "replay", "failed", "flood"]
 # gunicorn settings compared on 2 cores (class, workers, threads); the best runs the rest.
 # Compared on the same load; the main run uses the fastest that keeps connections alive.
 GUNICORN_SETTINGS = [("gthread", 4, 2), ("gthread", 2, 8), ("sync", 4, 1)]
+# The flood: junk signed with a secret that is not the server's, from this many connections.
+JUNK_SECRET = "whsec_bench_junk_not_the_servers"
+FLOOD_CONNECTIONS = 64
 
 
 def warm_up(port: int, requests: int) -> None:
@@ -120,6 +126,9 @@ class Scale:
     page_repeats: int
     settle_s: int  # how long to wait for workers to settle what inline processing left
     drain_max_s: int  # the drain is measured until done or this long
+    flood_junk: int  # junk deliveries sent at once
+    flood_rate: float  # valid deliveries per second (open loop) beside the flood
+    flood_s: float  # how long valid deliveries are sent in each flood run
 
     @staticmethod
     def full() -> Scale:
@@ -127,7 +136,8 @@ class Scale:
                      e2e_max_s=120, sweep_events=1_200, connections=16, half_rate_s=30,
                      ingest_events=6_000, hot_events=1_500, console_payouts=1_000_000,
                      console_items=5, console_events=2_000_000, replay_events=10_000,
-                     failed_transactions=10_000, page_repeats=20, settle_s=30, drain_max_s=90)
+                     failed_transactions=10_000, page_repeats=20, settle_s=30, drain_max_s=90,
+                     flood_junk=2_000, flood_rate=40, flood_s=15)
 
     @staticmethod
     def quick() -> Scale:
@@ -135,7 +145,8 @@ class Scale:
                      e2e_max_s=20, sweep_events=300, connections=16, half_rate_s=5,
                      ingest_events=500, hot_events=200, console_payouts=10_000,
                      console_items=5, console_events=20_000, replay_events=100,
-                     failed_transactions=1_000, page_repeats=5, settle_s=20, drain_max_s=30)
+                     failed_transactions=1_000, page_repeats=5, settle_s=20, drain_max_s=30,
+                     flood_junk=500, flood_rate=40, flood_s=8)
 
 
 @dataclass
@@ -243,19 +254,32 @@ class Bench:
                                 "--idle-sleep", "0.2"], env)
 
     def send(self, name: str, port: int, plan: list[list[Any]], *, connections: int,
-             rate: float | None = None, max_s: float, resend: bool = False) -> dict[str, Any]:
+             rate: float | None = None, max_s: float, resend: bool = False,
+             secret: str = SECRET) -> dict[str, Any]:
         """Run the load generator (its own process) on ``plan``; return its result."""
+        self.start_load(name, port, plan, connections=connections, rate=rate, max_s=max_s,
+                        resend=resend, secret=secret)
+        return self.load_result(name, max_s)
+
+    def start_load(self, name: str, port: int, plan: list[list[Any]], *, connections: int,
+                   rate: float | None = None, max_s: float, resend: bool = False,
+                   secret: str = SECRET) -> None:
+        """Start the load generator on ``plan``; ``load_result(name)`` waits for it."""
         folder = VAR / "load"
         folder.mkdir(parents=True, exist_ok=True)
         plan_path, spec_path, out_path = (folder / f"{name}.{kind}.json"
                                           for kind in ("plan", "spec", "result"))
         plan_path.write_text(json.dumps(plan))
         spec_path.write_text(json.dumps({
-            "port": port, "secret": SECRET, "plan": str(plan_path), "connections": connections,
+            "port": port, "secret": secret, "plan": str(plan_path), "connections": connections,
             "rate": rate, "max_seconds": max_s, "resend": resend}))
         out_path.unlink(missing_ok=True)
-        process = self.procs.start(f"load-{name}", [PYTHON, "-m", "bench.load",
-                                                    str(spec_path), str(out_path)], self.env())
+        self.procs.start(f"load-{name}", [PYTHON, "-m", "bench.load", str(spec_path),
+                                          str(out_path)], self.env())
+
+    def load_result(self, name: str, max_s: float) -> dict[str, Any]:
+        process = self.procs.children[f"load-{name}"]
+        out_path = VAR / "load" / f"{name}.result.json"
         try:
             code = process.wait(max_s + 300)
         finally:
@@ -749,6 +773,99 @@ class Bench:
             f"all released: {figures['correct']}")
         return figures
 
+    # 8. junk flood ------------------------------------------------------------------------
+
+    def flood(self) -> dict[str, Any]:
+        """Valid deliveries at a steady rate, alone and while junk floods in; the junk is
+        refused for its signature, and counted: in memory per process, written every 5 s
+        (now), or one write per refusal on its reason's row (before, by a setting)."""
+        s = self.scale
+        setting = self.best_setting()
+        say(f"   {describe(setting)}; valid deliveries at {s.flood_rate:.0f}/s for "
+            f"{s.flood_s:.0f} s, open loop; {s.flood_junk:,} junk deliveries at once "
+            f"(bad signatures, {FLOOD_CONNECTIONS} connections) ...")
+        runs = {
+            "quiet": self.flood_run("quiet", setting, flush_s=5, junk=False),
+            "flood": self.flood_run("flood", setting, flush_s=5, junk=True),
+            "flood_before": self.flood_run("before", setting, flush_s=0, junk=True),
+        }
+        quiet = runs["quiet"]["valid"]
+        for key in ("flood", "flood_before"):
+            during = runs[key]["during_flood"]
+            runs[key]["ratio"] = {q: during[f"{q}_ms"] / quiet[f"{q}_ms"]
+                                  if during.get(f"{q}_ms") and quiet.get(f"{q}_ms") else None
+                                  for q in ("p50", "p99")}
+            r = runs[key]["ratio"]
+            say(f"   {runs[key]['label']}: x{fmt(r['p50'], 2)} p50, x{fmt(r['p99'], 2)} p99 "
+                "of the quiet figures")
+        return {"setting": describe(setting), "rate": s.flood_rate, "seconds": s.flood_s,
+                "junk": s.flood_junk, "junk_connections": FLOOD_CONNECTIONS, **runs}
+
+    def rejection_writes(self) -> int:
+        """Row writes (inserts + updates) on the rejection counters so far."""
+        self.db.execute("SELECT pg_stat_clear_snapshot()")
+        return int(self.db.scalar(
+            "SELECT n_tup_ins + n_tup_upd FROM pg_stat_user_tables WHERE relname = %s",
+            [data.REJECTION]) or 0)
+
+    def rejected(self) -> int:
+        return int(self.db.scalar(f"SELECT coalesce(sum(count), 0) FROM {data.REJECTION}"))
+
+    def flood_run(self, name: str, setting: tuple[str, int, int], *, flush_s: float,
+                  junk: bool) -> dict[str, Any]:
+        s = self.scale
+        payouts = self.fresh_payouts(int(s.flood_rate * s.flood_s))
+        plan = self.payout_plan(payouts, self.new_prefix("F"))
+        junk_plan = [[f"evt_junk{i}", "payout.paid", data.payout_id(payouts.first + i % len(plan)),
+                      int(time.time()), None, 1100] for i in range(s.flood_junk if junk else 0)]
+        writes, rejected = self.rejection_writes(), self.rejected()
+        junk_result: dict[str, Any] | None = None
+        with self.stack(mode="inline", setting=setting,
+                        WEBHOOK_REJECTION_FLUSH_SECONDS=str(flush_s)) as port:
+            self.start_load(f"flood-{name}", port, plan, connections=32, rate=s.flood_rate,
+                            max_s=s.flood_s * 4 + 30)
+            if junk_plan:
+                time.sleep(2 + s.flood_s / 5)  # the valid deliveries' clock is running
+                junk_result = self.send(f"flood-{name}-junk", port, junk_plan,
+                                        connections=FLOOD_CONNECTIONS, max_s=120,
+                                        secret=JUNK_SECRET)
+            valid = self.load_result(f"flood-{name}", s.flood_s * 4 + 30)
+        # gunicorn stopped: each worker wrote the counts it held on its way out, and its
+        # sessions reported their statistics.
+        time.sleep(0.5)
+        figures: dict[str, Any] = {
+            "label": {"quiet": "valid deliveries alone",
+                      "flood": f"during {s.flood_junk:,} junk, counted in memory",
+                      "before": f"during {s.flood_junk:,} junk, a write per refusal (before)"
+                      }[name],
+            "flush_s": flush_s, "valid": {**self.load_summary(valid), **self.latency(valid)},
+            # both with the warm-up's refusals (bad signatures, half its requests)
+            "rejection_row_writes": self.rejection_writes() - writes,
+            "refusals_counted": self.rejected() - rejected}
+        v = figures["valid"]
+        if junk_result is not None:
+            start = junk_result["clock_started"]
+            end = start + junk_result["elapsed_s"]
+            base = valid["clock_started"]
+            during = [lat for at, lat in valid["timeline"] if start <= base + at <= end]
+            figures["junk"] = {k: junk_result.get(k) for k in ("sent", "elapsed_s",
+                                                                "http_status", "errors")}
+            figures["junk"]["per_s"] = (junk_result["sent"] / junk_result["elapsed_s"]
+                                        if junk_result["elapsed_s"] else None)
+            figures["during_flood"] = {"n": len(during), **self.latency(
+                {"latencies_s": during})}
+            d = figures["during_flood"]
+            say(f"   {figures['label']}: {fmt(junk_result['sent'])} junk in "
+                f"{fmt(junk_result['elapsed_s'], 2)} s ({fmt(figures['junk']['per_s'])}/s, "
+                f"{junk_result['http_status']}); {d['n']} valid deliveries meanwhile: p50 "
+                f"{fmt(d['p50_ms'])} / p99 {fmt(d['p99_ms'])} ms (whole run p50 "
+                f"{fmt(v['p50_ms'])} / p99 {fmt(v['p99_ms'])}); {fmt(figures['refusals_counted'])}"
+                f" refusals counted in {fmt(figures['rejection_row_writes'])} row writes")
+        else:
+            say(f"   {figures['label']}: {fmt(v['acknowledged'])} acknowledged, p50 "
+                f"{fmt(v['p50_ms'])} / p99 {fmt(v['p99_ms'])} ms")
+        return figures
+
     # --- report ---------------------------------------------------------------------------
 
     def report(self, started_at: datetime, seconds: float) -> dict[str, Any]:
@@ -831,6 +948,21 @@ class Bench:
             rows.append([f"failed payout, {fmt(fail['transactions'])} transactions",
                          f"{fmt(fail['transaction_ms'])} ms", f"{fail['attempts']} attempt(s), "
                          f"released {fmt(fail['released'])}", ""])
+        flood = f.get("flood", {})
+        if flood.get("quiet"):
+            q = flood["quiet"]["valid"]
+            rows.append([f"flood: valid deliveries alone ({flood['rate']:.0f}/s)",
+                         f"p50 {fmt(q['p50_ms'])} ms", f"p99 {fmt(q['p99_ms'])} ms", ""])
+            for key in ("flood", "flood_before"):
+                run = flood.get(key)
+                if not run or "during_flood" not in run:
+                    continue
+                d, r = run["during_flood"], run["ratio"]
+                rows.append([f"flood: valid {run['label']}",
+                             f"p50 {fmt(d['p50_ms'])} ms (x{fmt(r['p50'], 2)})",
+                             f"p99 {fmt(d['p99_ms'])} ms (x{fmt(r['p99'], 2)}); junk "
+                             f"{fmt(run['junk']['per_s'])}/s; "
+                             f"{fmt(run['rejection_row_writes'])} row writes", ""])
         for name, sec in self.sections.items():
             if sec.error:
                 rows.append([f"{name}: FAILED", "", sec.error.strip().splitlines()[-1][:80], ""])
@@ -871,6 +1003,7 @@ def main(argv: list[str]) -> int:
         bench.run_section("console", bench.console)
         bench.run_section("replay", bench.replay)
         bench.run_section("failed", bench.failed)
+        bench.run_section("flood", bench.flood)
     finally:
         bench.procs.stop_all()
         with contextlib.suppress(Exception):

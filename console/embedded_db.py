@@ -1,4 +1,4 @@
-"""The embedded PostgreSQL that backs a checkout when DATABASE_URL is unset.
+"""The embedded PostgreSQL that backs a checkout with DATABASE_URL=embedded.
 
 One server per checkout, its files under ``var/postgres``, listening on
 127.0.0.1 only. Every process of the checkout (web server, workers, shell,

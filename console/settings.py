@@ -4,11 +4,35 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 from console import embedded_db, log_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def read_env_file(path: str) -> None:
+    """Fill unset environment variables from ``path`` (``KEY=value`` lines, ``#``
+    comments); a real environment variable always wins. Ten lines instead of a
+    dependency: the file is the one `make run` writes for the demo."""
+    if not path:
+        return
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+
+
+# The demo checkout's choices (DJANGO_DEBUG, DATABASE_URL=embedded, its secret key), so
+# commands typed by hand there behave like `make run`. DJANGO_ENV_FILE= (empty) reads none.
+read_env_file(os.environ.get("DJANGO_ENV_FILE", str(BASE_DIR / ".env")))
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -23,8 +47,14 @@ def env_list(name: str, default: str = "") -> list[str]:
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
-# The fallback is for development only; `manage.py check --deploy` flags it.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "django-insecure-dev-only-set-DJANGO_SECRET_KEY"
+# Fail closed: without DEBUG there is no fallback key (a known key forges sessions).
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set, and DJANGO_DEBUG is off: set it to a long random "
+            "value, e.g. from python -c 'import secrets; print(secrets.token_urlsafe(50))'")
+    SECRET_KEY = "django-insecure-dev-only-set-DJANGO_SECRET_KEY"
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
 
 # Stripe signs each delivery with the endpoint secret; several are accepted
@@ -51,6 +81,11 @@ if not 1 <= SYNC_EVENTS_DAYS <= 30:
 RECONCILE_MINUTES = float(os.environ.get("RECONCILE_MINUTES", "60"))
 # A live deployment ignores test-mode events, and a test deployment live ones.
 STRIPE_LIVEMODE = env_bool("STRIPE_LIVEMODE", False)
+if STRIPE_LIVEMODE and DEV_WEBHOOK_SECRET in STRIPE_WEBHOOK_SECRETS:
+    # The development secret is in the repository: anyone could sign live deliveries.
+    raise ImproperlyConfigured(
+        "STRIPE_LIVEMODE is on, but the webhook secret is the public development secret "
+        "(DJANGO_DEBUG's default): set STRIPE_WEBHOOK_SECRET to the endpoint's signing secret")
 
 # inline: process right after the event is stored, in the request; deferred:
 # only store, and leave processing to `manage.py process_webhooks`.
@@ -66,6 +101,9 @@ WEBHOOK_RETRY_BASE_SECONDS = float(os.environ.get("WEBHOOK_RETRY_BASE_SECONDS", 
 WEBHOOK_RETRY_MAX_SECONDS = float(os.environ.get("WEBHOOK_RETRY_MAX_SECONDS", "21600"))
 # How long a worker (or the inline request) owns a claimed event before another may take it.
 WEBHOOK_LEASE_SECONDS = float(os.environ.get("WEBHOOK_LEASE_SECONDS", "60"))
+# Refused deliveries are counted in memory and added to their table this often, per
+# process (0: one write per refusal). payouts/services/inbox.py, RejectionCounter.
+WEBHOOK_REJECTION_FLUSH_SECONDS = float(os.environ.get("WEBHOOK_REJECTION_FLUSH_SECONDS", "5"))
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -75,6 +113,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django.contrib.postgres",
+    "csp",
     "django_htmx",
     "django_tables2",
     "django_filters",
@@ -86,6 +125,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "payouts.middleware.WebhookFastPath",
+    "csp.middleware.CSPMiddleware",  # after the webhook's fast path: pages, not JSON
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -115,13 +155,18 @@ TEMPLATES = [
 ]
 
 # --- database ---------------------------------------------------------------
-# DATABASE_URL points at any PostgreSQL; without it, the checkout's embedded
-# server (console/embedded_db.py) is started on first use.
-if os.environ.get("DATABASE_URL"):
+# DATABASE_URL points at any PostgreSQL, or is `embedded`: the checkout's own server
+# (console/embedded_db.py), started on first use. Never started unless asked for
+# (`make run` and the tests ask): a forgotten DATABASE_URL must not give production an
+# empty database on local disk.
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if not DATABASE_URL:
+    raise ImproperlyConfigured(
+        "DATABASE_URL is not set: set it to postgresql://user:password@host:5432/dbname, or "
+        "to `embedded` for this checkout's own PostgreSQL (development and tests)")
+if DATABASE_URL != "embedded":
     DATABASES = {
-        "default": dj_database_url.parse(
-            os.environ["DATABASE_URL"], conn_max_age=60, conn_health_checks=True
-        )
+        "default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)
     }
 else:
     _embedded = embedded_db.for_checkout()
@@ -138,9 +183,6 @@ else:
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
-]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -160,7 +202,90 @@ SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the page, not the cookie
 X_FRAME_OPTIONS = "DENY"
 
+# --- HTTPS --------------------------------------------------------------------
+# On by default without DEBUG: HTTP is redirected, HSTS is sent, cookies are Secure.
+# DJANGO_HTTPS=false serves plain HTTP (the tests' servers on 127.0.0.1).
+HTTPS = env_bool("DJANGO_HTTPS", not DEBUG)
+SECURE_SSL_REDIRECT = HTTPS
+SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_HSTS_SECONDS", "31536000")) if HTTPS else 0
+# The console's own subdomains are ours to keep on HTTPS; the preload list is not: its
+# directive is a hard-to-undo promise for the whole registrable domain, so it is never
+# sent, and check --deploy's reminder about it (W021) is silenced.
+SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+SECURE_HSTS_PRELOAD = False
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+# Behind a proxy that terminates TLS: the header it sets and its value for HTTPS, e.g.
+# HTTP_X_FORWARDED_PROTO,https. Only if the proxy always sets (or strips) that header.
+_proxy_header = env_list("DJANGO_SECURE_PROXY_SSL_HEADER")
+if _proxy_header and len(_proxy_header) != 2:
+    raise ImproperlyConfigured(
+        "DJANGO_SECURE_PROXY_SSL_HEADER must be a header and a value, e.g. "
+        "HTTP_X_FORWARDED_PROTO,https")
+SECURE_PROXY_SSL_HEADER = (_proxy_header[0], _proxy_header[1]) if _proxy_header else None
+
+# Content-Security-Policy on every page: only our own files; no inline script or style
+# (templates use static console.js/console.css and data- attributes instead).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+        "object-src": [NONE],
+    },
+}
+
 LOGGING = log_config.configure(
     log_format=os.environ.get("LOG_FORMAT", "console"),
     level=os.environ.get("LOG_LEVEL", "INFO"),
 )
+
+# --- logins ---
+# Failed logins are counted per username AND address (django-axes): the 10th failure in a
+# row locks that username from that address for 15 minutes, even with the right password;
+# the same username from elsewhere, and other usernames from the same address (an office
+# behind one NAT), still log in. Locking by username alone would let anyone lock staff
+# out; by address alone, lock out a whole office. A success resets the count. Lockouts are
+# listed in the admin (Axes → Access attempts); deleting one lifts it.
+INSTALLED_APPS += ["axes"]
+MIDDLEWARE += [
+    "console.middleware.IdleSessionExpiry",
+    "console.middleware.HtmxLoginRedirect",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes requires
+]
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out login
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = int(os.environ.get("AXES_FAILURE_LIMIT", "10"))
+AXES_COOLOFF_MINUTES = float(os.environ.get("AXES_COOLOFF_MINUTES", "15"))
+if AXES_FAILURE_LIMIT < 1 or AXES_COOLOFF_MINUTES <= 0:
+    raise ImproperlyConfigured("AXES_FAILURE_LIMIT must be at least 1 and "
+                               "AXES_COOLOFF_MINUTES more than 0")
+AXES_COOLOFF_TIME = AXES_COOLOFF_MINUTES / 60  # django-axes reads a float as hours
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# A try while locked out neither counts nor extends the lockout: it ends when it said.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_CALLABLE = "console.logins.lockout_response"  # 429, the login page's look
+# The client's address: the TCP peer, or behind TRUSTED_PROXY_COUNT reverse proxies that
+# append to X-Forwarded-For, the address the outermost one saw (console/logins.py).
+TRUSTED_PROXY_COUNT = int(os.environ.get("TRUSTED_PROXY_COUNT", "0"))
+AXES_CLIENT_IP_CALLABLE = "console.logins.client_ip"
+AXES_VERBOSE = False  # its start-up banner is not a structlog event
+
+# Django's four standard password rules (createsuperuser, changepassword, the admin's
+# password forms).
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},  # 8
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+# A session ends after SESSION_IDLE_HOURS without a request from its person
+# (console.middleware.IdleSessionExpiry saves it again on each of their requests).
+SESSION_COOKIE_AGE = int(float(os.environ.get("SESSION_IDLE_HOURS", "8")) * 3600)
+SESSION_SAVE_EVERY_REQUEST = False  # IdleSessionExpiry does it, for people only

@@ -23,6 +23,7 @@ from django_tables2 import RequestConfig
 
 from console import charts, reconciliation
 from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
+from console.inputs import configure_table, safe_next
 from console.tables import EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
 from payouts.models import JobRun, Payout, TransactionLog, WebhookEvent
@@ -32,7 +33,6 @@ from payouts.stripe_api import StripeNotConfigured, stripe_client
 
 log = structlog.get_logger(__name__)
 
-PER_PAGE = 25
 BULK_REPLAY_LIMIT = 500  # per request, so one click cannot hold a worker for minutes
 
 
@@ -67,7 +67,7 @@ def home(request: HttpRequest) -> HttpResponse:
 def payout_list(request: HtmxHttpRequest) -> HttpResponse:
     filters = PayoutFilter(request.GET, queryset=selectors.payout_list())
     table = PayoutTable(filters.qs)
-    RequestConfig(request, paginate={"per_page": PER_PAGE}).configure(table)
+    configure_table(request, table)
     return _page(request, "console/payouts.html", {"filter": filters, "table": table})
 
 
@@ -149,7 +149,7 @@ def payout_resume_view(request: HttpRequest, pk: int) -> HttpResponse:
 
 def _event_table(request: HttpRequest, queryset: QuerySet[WebhookEvent]) -> EventTable:
     table = EventTable(queryset)
-    RequestConfig(request, paginate={"per_page": PER_PAGE}).configure(table)
+    configure_table(request, table)
     return table
 
 
@@ -198,7 +198,7 @@ def event_replay_view(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         return render(request, "console/_events_table.html#event-row",
                       {"row": table.rows[0], "table": table, "replayed": outcome})
     messages.info(request, f"{event.stripe_event_id}: {outcome.kind} ({outcome.reason})")
-    return HttpResponseRedirect(request.POST.get("next") or reverse("event-detail", args=[pk]))
+    return HttpResponseRedirect(safe_next(request, reverse("event-detail", args=[pk])))
 
 
 @require_POST
@@ -236,7 +236,7 @@ def event_bulk_replay(request: HtmxHttpRequest) -> HttpResponse:
     log.info("console.bulk_replay", user=request.user.get_username(), events=len(ids),
              outcomes=tally)
     messages.success(request, f"Replayed {len(ids)} event(s): {summary}")
-    return HttpResponseRedirect(request.POST.get("next") or reverse("event-list"))
+    return HttpResponseRedirect(safe_next(request, reverse("event-list")))
 
 
 # --- transaction logs -------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def transaction_logs(request: HtmxHttpRequest) -> HttpResponse:
     filters = TransactionLogFilter(request.GET, queryset=queryset,
                                    operations=selectors.transaction_operations())
     table = TransactionLogTable(filters.qs)
-    RequestConfig(request, paginate={"per_page": PER_PAGE}).configure(table)
+    configure_table(request, table)
     return _page(request, "console/transaction_logs.html", {
         "filter": filters, "table": table, "window": window, "windows": selectors.WINDOWS,
         "window_param": [("window", window)],

@@ -1,4 +1,10 @@
-"""Django admin: browse everything; stored Stripe bodies and logs are read-only evidence."""
+"""Django admin: browse everything. The ledger is read-only here: payouts, their items,
+transfers, transactions, events, attempts, transaction logs and job runs cannot be added,
+changed or deleted in the admin (not even by a superuser); every change to money goes
+through the services, which record it (an attempt, a transaction log, a job run). What
+stays editable: sellers, and Django's users and groups (and axes' lockouts, to lift one).
+The one write the admin offers on the ledger is *Replay selected events*, through the
+same service as the console."""
 
 from typing import Any
 
@@ -9,10 +15,12 @@ from django.utils.html import format_html
 
 from payouts import selectors
 from payouts.models import (
+    JobRun,
     PaymentTransaction,
     PaymentTransfer,
     Payout,
     PayoutItem,
+    ScheduledJob,
     Seller,
     TransactionLog,
     WebhookEvent,
@@ -23,7 +31,23 @@ from payouts.services.processing import event_replay
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
+    """Listed and viewed only: adding, changing or deleting is refused (403), whoever asks."""
+
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
@@ -40,7 +64,7 @@ class SellerAdmin(admin.ModelAdmin):
 
 
 @admin.register(PaymentTransaction)
-class PaymentTransactionAdmin(admin.ModelAdmin):
+class PaymentTransactionAdmin(ReadOnlyAdmin):
     list_display = ["id", "seller", "amount", "currency", "release_date", "payed_out",
                     "actual_release_date"]
     list_filter = ["payed_out", "currency"]
@@ -50,21 +74,20 @@ class PaymentTransactionAdmin(admin.ModelAdmin):
 
 
 @admin.register(PaymentTransfer)
-class PaymentTransferAdmin(admin.ModelAdmin):
+class PaymentTransferAdmin(ReadOnlyAdmin):
     list_display = ["id", "stripe_transfer_id", "payment_transaction", "amount", "status"]
     list_filter = ["status"]
     search_fields = ["stripe_transfer_id"]
     raw_id_fields = ["payment_transaction"]
 
 
-class PayoutItemInline(admin.TabularInline):
+class PayoutItemInline(ReadOnlyInline):
     model = PayoutItem
     raw_id_fields = ["payment_transfer"]
-    extra = 0
 
 
 @admin.register(Payout)
-class PayoutAdmin(admin.ModelAdmin):
+class PayoutAdmin(ReadOnlyAdmin):
     list_display = ["stripe_payout_id", "seller", "amount", "currency", "status", "failure_code",
                     "arrival_date", "last_event_type", "last_event_created", "updated_at"]
     list_filter = ["status", "failure_code", "currency"]
@@ -78,20 +101,15 @@ class PayoutAdmin(admin.ModelAdmin):
     inlines = [PayoutItemInline]
 
 
-class AttemptInline(admin.TabularInline):
+class AttemptInline(ReadOnlyInline):
     model = WebhookEventAttempt
     fields = ["started_at", "trigger", "requested_by", "worker", "outcome", "reason",
               "status_after", "error"]
     readonly_fields = fields
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(WebhookEvent)
-class WebhookEventAdmin(admin.ModelAdmin):
+class WebhookEventAdmin(ReadOnlyAdmin):
     list_display = ["stripe_event_id", "type", "status", "status_reason", "account",
                     "stripe_object_id", "stripe_created", "attempts", "next_attempt_at",
                     "received_at"]
@@ -106,15 +124,12 @@ class WebhookEventAdmin(admin.ModelAdmin):
                        "last_error", "processed_at"]
     exclude = ["raw_body"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+    class Media:
+        css = {"all": ["console/admin.css"]}  # the body's wrapping: no inline style (CSP)
 
     @admin.display(description="body (as received)")
     def body(self, obj: WebhookEvent) -> str:
-        return format_html("<pre style='white-space: pre-wrap'>{}</pre>",
+        return format_html('<pre class="payload">{}</pre>',
                            selectors.event_payload_pretty(obj))
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
@@ -151,3 +166,17 @@ class TransactionLogAdmin(ReadOnlyAdmin):
     list_filter = ["outcome", "isolation_level", "operation"]
     search_fields = ["operation", "event__stripe_event_id", "payout__stripe_payout_id"]
     list_select_related = ["event", "payout"]
+
+
+@admin.register(ScheduledJob)
+class ScheduledJobAdmin(ReadOnlyAdmin):
+    list_display = ["name", "leased_by", "lease_until", "last_finished_at"]
+
+
+@admin.register(JobRun)
+class JobRunAdmin(ReadOnlyAdmin):
+    list_display = ["job", "trigger", "requested_by", "status", "scope", "apply", "started_at",
+                    "finished_at", "runner"]
+    list_filter = ["job", "trigger", "status"]
+    list_select_related = ["requested_by"]
+    date_hierarchy = "started_at"

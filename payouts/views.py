@@ -4,6 +4,8 @@ The answer never depends on processing: once the event is stored it is 200,
 whatever happens next; the inbox owns retries.
 """
 
+from typing import Any
+
 import structlog
 from django.conf import settings
 from django.db import DatabaseError
@@ -24,6 +26,55 @@ def _refuse(request: HttpRequest, rejection: inbox.Rejected) -> JsonResponse:
                         status=rejection.status)
 
 
+def _too_large() -> inbox.Rejected:
+    return inbox.Rejected("too_large", "the body is over 1 MiB", status=413)
+
+
+def _body(request: HttpRequest) -> bytes:
+    """The request body, at most MAX_BODY_BYTES; ``Rejected`` if it cannot be had.
+
+    With Content-Length, Django reads that many bytes. A chunked body has no length:
+    Django would read nothing (and the signature would then fail on an empty body), so it
+    is read from the server's input stream to its end when the server says that stream
+    ends with the body (``wsgi.input_terminated``: gunicorn does), else refused with 411.
+    """
+    meta = request.META
+    if meta.get("CONTENT_LENGTH"):
+        try:
+            declared = int(meta["CONTENT_LENGTH"])
+        except ValueError:
+            declared = 0
+        if declared > inbox.MAX_BODY_BYTES:
+            raise _too_large()
+        body = request.read(inbox.MAX_BODY_BYTES + 1)
+    elif "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower():
+        if not meta.get("wsgi.input_terminated"):
+            raise inbox.Rejected("length_required", "this server cannot read a chunked body: "
+                                 "send Content-Length", status=411)
+        body = _read_chunked(meta["wsgi.input"], inbox.MAX_BODY_BYTES + 1)
+    else:
+        body = request.read(inbox.MAX_BODY_BYTES + 1)  # no body
+    if len(body) > inbox.MAX_BODY_BYTES:
+        raise _too_large()
+    return body
+
+
+def _read_chunked(stream: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a chunked body: the stream returns b"" at its end."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while size < limit:
+            part = stream.read(min(64 * 1024, limit - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+    except Exception:  # the server's reader on broken framing (gunicorn: InvalidChunkSize, ...)
+        raise inbox.Rejected("unreadable_body", "the chunked body is malformed") from None
+    return b"".join(parts)
+
+
 @csrf_exempt
 def stripe_webhook(request: HttpRequest) -> JsonResponse:
     if request.method != "POST":
@@ -31,16 +82,7 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
         response["Allow"] = "POST"
         return response
     try:
-        declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        declared = 0
-    if declared > inbox.MAX_BODY_BYTES:
-        return _refuse(request, inbox.Rejected("too_large", "the body is over 1 MiB", status=413))
-    body = request.read(inbox.MAX_BODY_BYTES + 1)
-    if len(body) > inbox.MAX_BODY_BYTES:
-        return _refuse(request, inbox.Rejected("too_large", "the body is over 1 MiB", status=413))
-
-    try:
+        body = _body(request)
         payload = inbox.verify_delivery(body, request.headers.get("Stripe-Signature"),
                                         settings.STRIPE_WEBHOOK_SECRETS)
     except inbox.Rejected as rejection:

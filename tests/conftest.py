@@ -1,5 +1,6 @@
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -7,6 +8,8 @@ from django.core.cache import cache
 from django.db import connection
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
+from playwright.sync_api import Browser, Playwright, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 from tests.dbsessions import Session
 from tests.payouts.helpers import Server, server_env
@@ -109,3 +112,37 @@ def deferred_server(test_database_url: str) -> Iterator[Server]:
 @pytest.fixture
 def worker_env(test_database_url: str) -> dict[str, str]:
     return server_env(test_database_url)
+
+
+# --- one headless chromium per run (tests/browser, tests/security) ------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def playwright_driver() -> Iterator[Playwright]:
+    # Playwright's sync API keeps an asyncio loop running in this thread, and Django then
+    # refuses database calls from it; the test code itself is synchronous throughout.
+    # (Only this process: server_env() drops DJANGO_* variables for the server.)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        driver = sync_playwright().start()
+        yield driver
+        driver.stop()
+
+
+@pytest.fixture(scope="session")
+def browser(playwright_driver: Playwright) -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: the browser tests need Debian's chromium "
+                    "(apt-get install chromium)", pytrace=False)
+    try:
+        launched = playwright_driver.chromium.launch(executable_path=str(CHROMIUM),
+                                                     args=CHROMIUM_ARGS)
+    except PlaywrightError as exc:
+        pytest.fail(f"{CHROMIUM} did not start ({exc}); is Debian's chromium installed and "
+                    "working? (apt-get install chromium)", pytrace=False)
+    yield launched
+    launched.close()

@@ -1,6 +1,6 @@
 """PostgreSQL backend that starts the checkout's embedded server on first use.
 
-Used only when DATABASE_URL is unset. The fast path is Django's own connect; only
+Used only with DATABASE_URL=embedded. The fast path is Django's own connect; only
 a failed connect asks the embedded server to start (or to create the database)
 and tries once more. So whichever process needs the server first brings it up,
 also after it was stopped, and the others simply connect.

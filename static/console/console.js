@@ -18,3 +18,10 @@ document.addEventListener("submit", (event) => {
   form.dataset.sent = "1";
   setTimeout(() => form.querySelectorAll("button").forEach((b) => { b.disabled = true; }), 0);
 });
+
+// Buttons marked data-confirm="question" submit only once the question is answered OK
+// (no inline onclick: the Content-Security-Policy refuses inline script).
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("[data-confirm]");
+  if (button && !window.confirm(button.dataset.confirm)) event.preventDefault();
+});

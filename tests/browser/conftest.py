@@ -10,18 +10,16 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from django.core.management import call_command
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
-from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from tests.payouts.helpers import ARTIFACTS, Server
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+# The session's chromium (fixtures ``playwright_driver`` and ``browser``) is launched in
+# tests/conftest.py: one per run, shared with the browser tests of tests/security.
+
 SCREENSHOTS = ARTIFACTS / "screenshots"
 TIMEOUT_MS = 15_000  # generous for a loaded machine; expect() returns as soon as it holds
 
@@ -43,33 +41,6 @@ def demo(transactional_db: None) -> None:
         call_command("seed_demo", stdout=io.StringIO())
     finally:
         logging.disable(logging.NOTSET)
-
-
-@pytest.fixture(scope="session")
-def playwright_driver() -> Iterator[Playwright]:
-    # Playwright's sync API keeps an asyncio loop running in this thread, and Django then
-    # refuses database calls from it; the test code itself is synchronous throughout.
-    # (Only this process: server_env() drops DJANGO_* variables for the server.)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-        driver = sync_playwright().start()
-        yield driver
-        driver.stop()
-
-
-@pytest.fixture(scope="session")
-def browser(playwright_driver: Playwright) -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: the browser tests need Debian's chromium "
-                    "(apt-get install chromium)", pytrace=False)
-    try:
-        launched = playwright_driver.chromium.launch(executable_path=str(CHROMIUM),
-                                                     args=CHROMIUM_ARGS)
-    except PlaywrightError as exc:
-        pytest.fail(f"{CHROMIUM} did not start ({exc}); is Debian's chromium installed and "
-                    "working? (apt-get install chromium)", pytrace=False)
-    yield launched
-    launched.close()
 
 
 _FAILED = pytest.StashKey[bool]()

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from payouts import stripe_events
+from tests import TEST_SECRET_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"  # server logs, screenshots (git-ignored)
@@ -92,12 +93,20 @@ def server_env(database_url: str, **extra: str) -> dict[str, str]:
     env.update({
         "DATABASE_URL": database_url,
         "STRIPE_WEBHOOK_SECRET": f"{SECRET},{OLD_SECRET}",
+        # The production settings (DEBUG off), over plain HTTP on 127.0.0.1, and never
+        # the demo checkout's .env.
+        "DJANGO_SECRET_KEY": TEST_SECRET_KEY,
+        "DJANGO_HTTPS": "false",
+        "DJANGO_ENV_FILE": "",
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "WARNING",
         "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
         "WEBHOOK_RETRY_MAX_SECONDS": "1",
         "WEBHOOK_LEASE_SECONDS": "3",
+        # Each refusal written at once, so a test reads its count right after the answer
+        # (tests/security/test_webhook_flood.py starts servers that batch, as production).
+        "WEBHOOK_REJECTION_FLUSH_SECONDS": "0",
     })
     env.update(extra)
     return env

@@ -7,14 +7,14 @@ from console import embedded_db
 
 
 class Command(BaseCommand):
-    help = "Start, stop or inspect this checkout's embedded PostgreSQL (used without DATABASE_URL)."
+    help = "Start, stop or inspect this checkout's embedded PostgreSQL (DATABASE_URL=embedded)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("action", choices=["status", "start", "stop", "url"])
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         if settings.DATABASES["default"]["ENGINE"] != "console.db_backend":
-            raise CommandError("DATABASE_URL is set, so the embedded server is not in use")
+            raise CommandError("DATABASE_URL is not `embedded`: the embedded server is not in use")
         server = embedded_db.for_checkout()
         database = settings.DATABASES["default"]["NAME"]
         try:
