@@ -17,3 +17,6 @@ threads = 2
 keepalive = 30  # seconds an idle connection stays open for its next delivery
 timeout = 30  # a delivery takes milliseconds; a worker stuck this long is restarted
 backlog = 256
+# gunicorn would take X-Forwarded-Proto from a local peer as HTTPS on its own; only Django
+# decides, from DJANGO_SECURE_PROXY_SSL_HEADER.
+forwarded_allow_ips = ""

@@ -5,6 +5,7 @@ django-axes counts failed logins per username and address (settings at the end o
 ``AXES_LOCKOUT_CALLABLE``.
 """
 
+import ipaddress
 from typing import Any
 
 import structlog
@@ -31,7 +32,11 @@ def client_ip(request: HttpRequest) -> str | None:
                  request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if part.strip()]
     if len(forwarded) < count:
         return remote
-    return forwarded[-count]
+    try:  # a proxy's "unknown" or "host:port" would not fit axes' address column
+        return str(ipaddress.ip_address(forwarded[-count]))
+    except ValueError:
+        log.warning("console.forwarded_address_unreadable", value=forwarded[-count][:64])
+        return remote
 
 
 def lockout_response(request: HttpRequest, original_response: HttpResponse | None = None,

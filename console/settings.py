@@ -36,10 +36,17 @@ read_env_file(os.environ.get("DJANGO_ENV_FILE", str(BASE_DIR / ".env")))
 
 
 def env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
+    """A yes/no setting. Anything but a known spelling is refused: a typo must not turn
+    HTTPS or live mode off quietly."""
+    value = (os.environ.get(name) or "").strip().lower()
+    if not value:
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false (1/0, yes/no, on/off), "
+                               f"not {os.environ[name]!r}")
 
 
 def env_list(name: str, default: str = "") -> list[str]:
@@ -219,7 +226,7 @@ CSRF_COOKIE_SECURE = HTTPS
 # Behind a proxy that terminates TLS: the header it sets and its value for HTTPS, e.g.
 # HTTP_X_FORWARDED_PROTO,https. Only if the proxy always sets (or strips) that header.
 _proxy_header = env_list("DJANGO_SECURE_PROXY_SSL_HEADER")
-if _proxy_header and len(_proxy_header) != 2:
+if _proxy_header and (len(_proxy_header) != 2 or not _proxy_header[0].startswith("HTTP_")):
     raise ImproperlyConfigured(
         "DJANGO_SECURE_PROXY_SSL_HEADER must be a header and a value, e.g. "
         "HTTP_X_FORWARDED_PROTO,https")

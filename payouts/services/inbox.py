@@ -352,6 +352,8 @@ class RejectionCounter:
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
+        # Held across a flush's taking and writing: the exit flush waits for one under way.
+        self._flushing = threading.Lock()
         self._pending: dict[str, tuple[int, datetime]] = {}
         self._thread: threading.Thread | None = None
 
@@ -361,15 +363,20 @@ class RejectionCounter:
 
     def add(self, reason: str) -> None:
         interval = self.interval()
+        if interval <= 0:  # one write per refusal, in the request
+            try:
+                rejections_add({reason: (1, timezone.now())})
+            except DatabaseFailure as exc:
+                log.warning("webhook.rejections_not_written", reasons=[reason],
+                            error=str(exc).strip()[:300])
+            return
         with self._lock:
             count, _ = self._pending.get(reason, (0, None))
             self._pending[reason] = (count + 1, timezone.now())
-            if interval > 0 and self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, args=(interval,),
                                                 name="webhook-rejections", daemon=True)
                 self._thread.start()
-        if interval <= 0:
-            self.flush()
 
     def pending(self) -> dict[str, int]:
         with self._lock:
@@ -378,21 +385,22 @@ class RejectionCounter:
     def flush(self) -> int:
         """Add what was counted since the last flush to the table; refusals added. If the
         database cannot take them, they are kept for the next flush."""
-        with self._lock:
-            taken, self._pending = self._pending, {}
-        if not taken:
-            return 0
-        try:
-            rejections_add(taken)
-        except DatabaseFailure as exc:  # DatabaseError, InterfaceError (a closed connection)
+        with self._flushing:
             with self._lock:
-                for reason, (count, seen) in taken.items():
-                    now_count, now_seen = self._pending.get(reason, (0, seen))
-                    self._pending[reason] = (now_count + count, max(seen, now_seen))
-            log.warning("webhook.rejections_not_written", reasons=sorted(taken),
-                        error=str(exc).strip()[:300])
-            return 0
-        return sum(count for count, _ in taken.values())
+                taken, self._pending = self._pending, {}
+            if not taken:
+                return 0
+            try:
+                rejections_add(taken)
+            except DatabaseFailure as exc:  # DatabaseError, InterfaceError (a closed connection)
+                with self._lock:
+                    for reason, (count, seen) in taken.items():
+                        now_count, now_seen = self._pending.get(reason, (0, seen))
+                        self._pending[reason] = (now_count + count, max(seen, now_seen))
+                log.warning("webhook.rejections_not_written", reasons=sorted(taken),
+                            error=str(exc).strip()[:300])
+                return 0
+            return sum(count for count, _ in taken.values())
 
     def _run(self, interval: float) -> None:
         from django.db import connections
@@ -401,10 +409,9 @@ class RejectionCounter:
             time.sleep(interval)
             try:
                 self.flush()
+                connections.close_all()  # this thread's own connection: none held between
             except Exception:  # the thread outlives any surprise, to count on
                 log.exception("webhook.rejections_flush_failed")
-            finally:
-                connections.close_all()  # this thread's own connection: none held between
 
     def _flush_at_exit(self) -> None:
         try:

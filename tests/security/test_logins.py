@@ -202,3 +202,17 @@ def test_the_admin_refuses_a_weak_password_for_a_new_or_existing_user():
     assert "entirely numeric" in response.content.decode()
     staff.refresh_from_db()
     assert staff.check_password(PASSWORD)
+
+
+def test_a_forwarded_address_that_is_not_an_address_counts_against_the_peer(settings):
+    from django.test import RequestFactory
+
+    from console.logins import client_ip
+
+    settings.TRUSTED_PROXY_COUNT = 1
+    request = RequestFactory().get("/", REMOTE_ADDR="10.0.0.5",
+                                   HTTP_X_FORWARDED_FOR="198.51.100.7")
+    assert client_ip(request) == "198.51.100.7"
+    for junk in ("unknown", "198.51.100.7:5678", "not an address"):
+        request = RequestFactory().get("/", REMOTE_ADDR="10.0.0.5", HTTP_X_FORWARDED_FOR=junk)
+        assert client_ip(request) == "10.0.0.5"

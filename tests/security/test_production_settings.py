@@ -176,3 +176,45 @@ def test_real_environment_variables_win_over_the_env_file(tmp_path):
     assert seen["DEBUG"] is False
     assert seen["SECURE_HSTS_SECONDS"] == 60  # what the environment leaves unset, the file sets
     assert seen["DATABASES"]["default"]["ENGINE"] == "django.db.backends.postgresql"  # type: ignore[index]
+
+
+# --- settings that must not fail open -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["DJANGO_HTTPS", "STRIPE_LIVEMODE", "DJANGO_DEBUG"])
+def test_a_yes_no_setting_that_is_neither_is_refused(name):
+    message = refusal(**REQUIRED, **{name: "ture"})
+    assert f"{name} must be true or false" in message and "'ture'" in message
+
+
+def test_the_proxy_header_must_be_a_request_header_key():
+    message = refusal(**REQUIRED, DJANGO_SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto,https")
+    assert "DJANGO_SECURE_PROXY_SSL_HEADER must be a header and a value" in message
+
+
+def test_behind_a_proxy_check_deploy_warns_when_lockouts_would_count_the_proxy():
+    env = bare_env(**REQUIRED, DJANGO_ALLOWED_HOSTS="payouts.example",
+                   DJANGO_SECURE_PROXY_SSL_HEADER="HTTP_X_FORWARDED_PROTO,https")
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode != 0 and "console.W001" in result.stderr, result.stderr
+    result = manage("check", "--deploy", "--fail-level", "WARNING",
+                    env={**env, "TRUSTED_PROXY_COUNT": "1"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_wsgi_server_never_reads_the_demo_env_file(tmp_path):
+    """A `.env` left on a production host must not switch DEBUG (and so HTTPS) off: the
+    WSGI entry point reads none unless DJANGO_ENV_FILE names one."""
+    script = ("import os, console.wsgi, json; from django.conf import settings; "
+              "print(json.dumps([os.environ['DJANGO_ENV_FILE'], settings.DEBUG]))")
+    env = bare_env(**REQUIRED)
+    env.pop("DJANGO_ENV_FILE")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["", False]
+    # manage.py, pointed at such a file, does read it (the demo's hand-typed commands).
+    env_file = tmp_path / ".env"
+    env_file.write_text("DJANGO_DEBUG=true\n")
+    seen = settings_of("DEBUG", DJANGO_ENV_FILE=str(env_file), **REQUIRED)
+    assert seen["DEBUG"] is True

@@ -173,7 +173,7 @@ def test_counts_still_in_memory_are_written_when_the_server_stops(test_database_
 
 def test_counts_the_database_refuses_are_kept_for_the_next_flush(monkeypatch, settings):
     """A flush that fails keeps its counts; the next flush adds them too."""
-    settings.WEBHOOK_REJECTION_FLUSH_SECONDS = 0  # flush on every count, in this thread
+    settings.WEBHOOK_REJECTION_FLUSH_SECONDS = 3600  # its thread waits: this test flushes
     counter = inbox.RejectionCounter()
     real_add = inbox.rejections_add
     calls = []
@@ -187,9 +187,11 @@ def test_counts_the_database_refuses_are_kept_for_the_next_flush(monkeypatch, se
     monkeypatch.setattr(inbox, "rejections_add", add_once_failing)
 
     counter.add("bad_signature")
+    assert counter.flush() == 0
     assert _rejections() == {} and counter.pending() == {"bad_signature": 1}
     counter.add("bad_signature")
     counter.add("too_deep")
+    assert counter.flush() == 3
 
     assert _rejections() == {"bad_signature": 2, "too_deep": 1}
     assert counter.pending() == {}
