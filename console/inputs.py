@@ -8,7 +8,7 @@
   ``https://evil.example/x`` or ``//evil.example``, falls back to the view's own page.
 """
 
-from django.core.paginator import EmptyPage, PageNotAnInteger
+from django.core.paginator import EmptyPage
 from django.http import HttpRequest
 from django.utils.http import url_has_allowed_host_and_scheme
 from django_tables2 import RequestConfig, Table
@@ -41,8 +41,6 @@ def configure_table(request: HttpRequest, table: Table) -> Table:
     number = page_number(request.GET.get(table.prefixed_page_field))
     try:
         table.paginate(per_page=size, page=number)
-    except PageNotAnInteger:
-        table.page = table.paginator.page(1)
     except EmptyPage:  # past the last page: the last page
         table.page = table.paginator.page(table.paginator.num_pages)
     return table

@@ -30,22 +30,8 @@ from payouts.models import (
 from payouts.services.processing import event_replay
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnly:
     """Listed and viewed only: adding, changing or deleting is refused (403), whoever asks."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
-class ReadOnlyInline(admin.TabularInline):
-    extra = 0
-    can_delete = False
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -55,6 +41,15 @@ class ReadOnlyInline(admin.TabularInline):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class ReadOnlyAdmin(ReadOnly, admin.ModelAdmin):
+    pass
+
+
+class ReadOnlyInline(ReadOnly, admin.TabularInline):
+    extra = 0
+    can_delete = False
 
 
 @admin.register(Seller)
@@ -94,10 +89,6 @@ class PayoutAdmin(ReadOnlyAdmin):
     search_fields = ["stripe_payout_id", "seller__name", "seller__stripe_account_id"]
     list_select_related = ["seller"]
     raw_id_fields = ["seller"]
-    readonly_fields = ["reference", "creation_state", "submitted_at", "original_payout",
-                       "reversed_by", "reversed_at", "review_reason", "review_requested_at",
-                       "last_event_id", "last_event_type", "last_event_created", "events_applied",
-                       "created_at", "updated_at"]
     inlines = [PayoutItemInline]
 
 

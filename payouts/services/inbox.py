@@ -147,12 +147,13 @@ def _check_signature(text: str, header: str, secrets: list[str]) -> None:
         # ours, only its time is wrong) and unsigned junk is ``bad_signature`` whatever
         # its ``t`` says, so nothing about the time can be probed without the secret.
         if _signed_at(header) > time.time() + SIGNATURE_TOLERANCE_S:
-            raise Rejected("future_timestamp", "the signature timestamp is more than 300 s "
-                           "in the future")
+            raise Rejected("future_timestamp", "the signature timestamp is more than "
+                           f"{SIGNATURE_TOLERANCE_S} s in the future")
         return
     # stripe-python checks the timestamp only once a signature matched.
     if any("tolerance" in m for m in messages):
-        raise Rejected("stale_timestamp", "the signature timestamp is older than 300 s")
+        raise Rejected("stale_timestamp",
+                       f"the signature timestamp is older than {SIGNATURE_TOLERANCE_S} s")
     if any("Unable to extract" in m or "expected scheme" in m for m in messages):
         raise Rejected("malformed_signature", "the Stripe-Signature header cannot be read")
     raise Rejected("bad_signature", "no signature matches a configured secret")
