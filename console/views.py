@@ -27,7 +27,7 @@ from console.inputs import configure_table, safe_next
 from console.tables import EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
 from payouts.models import JobRun, Payout, TransactionLog, WebhookEvent
-from payouts.services import inbox, jobs, seller_payouts
+from payouts.services import audit, inbox, jobs, seller_payouts
 from payouts.services.processing import event_replay
 from payouts.stripe_api import StripeNotConfigured, stripe_client
 
@@ -100,9 +100,14 @@ def payout_resync_view(request: HttpRequest, pk: int) -> HttpResponse:
         log.info("console.payout_resynced", user=request.user.get_username(),
                  payout=str(payout), status="not_configured")
         return back
+    before = audit.payout_state(payout)
     run = jobs.reconcile_payouts(apply=True, trigger=JobRun.Trigger.CONSOLE,
                                  requested_by=request.user,  # type: ignore[arg-type]
                                  payouts=[payout])
+    audit.record(audit.Action.RESYNC, actor=request.user,  # type: ignore[arg-type]
+                 target=payout.stripe_payout_id or str(payout), outcome=run.status,
+                 detail=run.error or "; ".join(reconciliation.resync_lines(run)),
+                 payout=payout, before=before)
     if run.status == JobRun.Status.OK:
         messages.success(request, f"{payout} matches Stripe: nothing to change.")
     elif run.status == JobRun.Status.DRIFTED:

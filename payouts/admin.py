@@ -15,6 +15,7 @@ from django.utils.html import format_html
 
 from payouts import selectors
 from payouts.models import (
+    AuditEntry,
     JobRun,
     PaymentTransaction,
     PaymentTransfer,
@@ -171,3 +172,10 @@ class JobRunAdmin(ReadOnlyAdmin):
     list_filter = ["job", "trigger", "status"]
     list_select_related = ["requested_by"]
     date_hierarchy = "started_at"
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(ReadOnlyAdmin):
+    list_display = ["at", "actor_name", "action", "target", "outcome"]
+    list_filter = ["action"]
+    search_fields = ["target", "actor_name"]

@@ -1,9 +1,11 @@
+from payouts.models.audit import AuditEntry
 from payouts.models.jobs import JobRun, ScheduledJob
 from payouts.models.ledger import PaymentTransaction, PaymentTransfer, Payout, PayoutItem, Seller
 from payouts.models.txlog import TransactionLog
 from payouts.models.webhooks import WebhookEvent, WebhookEventAttempt, WebhookRejection
 
 __all__ = [
+    "AuditEntry",
     "JobRun",
     "PaymentTransaction",
     "PaymentTransfer",

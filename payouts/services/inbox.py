@@ -35,6 +35,7 @@ from django.utils import timezone
 
 from payouts.models import WebhookEvent, WebhookEventAttempt, WebhookRejection
 from payouts.services.outcome import Outcome, ProcessingOutcome
+from payouts.services import audit
 
 log = structlog.get_logger(__name__)
 
@@ -607,6 +608,10 @@ def event_dismiss(*, event_id: int, requested_by: AbstractBaseUser,
         event_settle(event, outcome)
         attempt_record(event.pk, Trigger.DISMISS, started_at, outcome,
                        requested_by=requested_by)
+        payout = audit.payout_of(event)
+        audit.record(audit.Action.DISMISS, actor=requested_by, target=event.stripe_event_id,
+                     outcome=Status.SKIPPED, detail=reason, event=event, payout=payout,
+                     before=audit.payout_state(payout))
     log.info("webhook.dismissed", event_pk=event_id, user=who, reason=reason)
     return outcome
 

@@ -27,7 +27,7 @@ from django.utils import timezone
 import txutils
 from payouts import transitions
 from payouts.models import Seller, WebhookEvent, WebhookEventAttempt
-from payouts.services import inbox, ledger
+from payouts.services import audit, inbox, ledger
 from payouts.services.inbox import NewEvent
 from payouts.services.outcome import Outcome, ProcessingOutcome
 from payouts.stripe_api import StripeReadError
@@ -151,15 +151,24 @@ def _after_failure(event_id: int, exc: Exception, *,
     return inbox.event_fail(event_id, error), error, "".join(traceback.format_exception(exc))
 
 
-def event_replay(*, event_id: int, requested_by: AbstractBaseUser) -> ProcessingOutcome:
+def event_replay(*, event_id: int, requested_by: AbstractBaseUser,
+                 detail: str = "") -> ProcessingOutcome:
     """Staff asked to run an event again: the same processor, recorded with who asked.
     A held event is checked against the ledger again.
 
     Safe to call twice, or twice at once: the event row lock serialises replays,
-    and an applied event is never applied again.
+    and an applied event is never applied again. The audit keeps who asked, the outcome
+    and the payout before and after (``detail``: e.g. the bulk job it was part of).
     """
     log.info("webhook.replay_requested", event_pk=event_id, user=requested_by.get_username())
-    return event_process(event_id=event_id, trigger=Trigger.REPLAY, requested_by=requested_by)
+    event = WebhookEvent.objects.only("stripe_event_id", "stripe_object_id").get(pk=event_id)
+    payout = audit.payout_of(event)
+    before = audit.payout_state(payout)
+    outcome = event_process(event_id=event_id, trigger=Trigger.REPLAY, requested_by=requested_by)
+    audit.record(audit.Action.REPLAY, actor=requested_by, target=event.stripe_event_id,
+                 outcome=outcome.kind, detail=f"{outcome.reason}{detail}", event=event,
+                 payout=payout or audit.payout_of(event), before=before)
+    return outcome
 
 
 # --- inline: store and apply in one transaction ---------------------------------------
