@@ -34,8 +34,8 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from payouts.models import WebhookEvent, WebhookEventAttempt, WebhookRejection
-from payouts.services.outcome import Outcome, ProcessingOutcome
 from payouts.services import audit
+from payouts.services.outcome import Outcome, ProcessingOutcome
 
 log = structlog.get_logger(__name__)
 
