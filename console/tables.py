@@ -8,6 +8,8 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
+from console import formats
+from payouts import selectors
 from payouts.models import Payout, TransactionLog, WebhookEvent
 
 
@@ -72,36 +74,67 @@ class PayoutTable(tables.Table):
 
 
 
+def seller_link(name: str | None, account: str) -> str:
+    """A seller, linked to its payouts; the platform when there is no connected account."""
+    if not account:
+        return mark_safe('<span class="muted">platform</span>')
+    url = f"{reverse('payout-list')}?q={account}"
+    return format_html('<a href="{}" title="{}">{}</a>', url, account, name or account)
+
+
 class EventTable(tables.Table):
     select = tables.CheckBoxColumn(accessor="pk", attrs={
-        "th__input": {"aria-label": "select all", "data-select-all": "event_ids"},
+        "th__input": {"aria-label": "Select every event on this page",
+                      "data-select-all": "event_ids"},
         "td__input": {"name": "event_ids", "form": "bulk-replay"}}, orderable=False)
     stripe_event_id = tables.Column(verbose_name="Event", linkify=True,
                                     attrs={"td": {"class": "mono"}})
     type = tables.Column()
-    status = BadgeColumn()
+    status = tables.Column()
     status_reason = tables.Column(verbose_name="Why", orderable=False, empty_values=())
+    seller = tables.Column(accessor="seller_name", verbose_name="Seller", orderable=False,
+                           empty_values=())
     stripe_object_id = tables.Column(verbose_name="Object", attrs={"td": {"class": "mono"}})
-    stripe_created = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Created",
-                                           attrs={"td": {"class": "num"}})
-    attempts = tables.Column()
-    replay = tables.TemplateColumn(template_name="console/_replay_button.html",
-                                   orderable=False, verbose_name="")
+    received_at = tables.Column(verbose_name="Received", attrs={"td": {"class": "when"}})
+    attempt_rows = tables.Column(verbose_name="Attempts", orderable=False, default=0,
+                                 attrs={"td": {"class": "num"}, "th": {"class": "num"}})
+    actions = tables.TemplateColumn(template_name="console/_replay_button.html",
+                                    extra_context={"replayable": selectors.REPLAYABLE},
+                                    orderable=False, verbose_name="Actions", empty_values=())
 
     class Meta:
         model = WebhookEvent
-        fields = ["select", "stripe_event_id", "type", "status", "status_reason",
-                  "stripe_object_id", "stripe_created", "attempts", "replay"]
+        fields = ["select", "stripe_event_id", "type", "status", "status_reason", "seller",
+                  "stripe_object_id", "received_at", "attempt_rows", "actions"]
         order_by = "-received_at"
         attrs = {"class": "table", "id": "events-table"}
         row_attrs = {"id": lambda record: f"event-{record.pk}"}
         template_name = "console/_events_table.html"
 
+    def render_select(self, value: int, record: WebhookEvent, bound_column: Any) -> str:
+        return format_html('<input type="checkbox" name="event_ids" value="{}" form="bulk-replay"'
+                           ' aria-label="Select {}">', value, record.stripe_event_id)
+
+    def render_status(self, record: Any) -> str:
+        """The status, and the last thing a person did to the event: who, when, outcome."""
+        badge = status_badge(record.status)
+        if not record.person_action:
+            return badge
+        verb = "dismissed" if record.person_action == "dismiss" else "replayed"
+        return format_html('{}<span class="by">{} by {} {} → {}</span>', badge, verb,
+                           record.person_name or "a deleted user", formats.soon(record.person_at),
+                           record.person_outcome)
+
     def render_status_reason(self, value: str, record: WebhookEvent) -> str:
-        """Why; for a dead event also how long Stripe still keeps it (to list it again)."""
+        """Why; the last error when there is no reason; when a failed event is retried
+        next; for a dead event how long Stripe still keeps it (to list it again)."""
+        why = value or record.last_error or "—"
+        if record.status == WebhookEvent.Status.FAILED and record.next_attempt_at:
+            return format_html('{}<span class="next">next retry {}</span>', why,
+                               formats.soon(record.next_attempt_at))
         kept_until = record.kept_by_stripe_until
         if record.status != WebhookEvent.Status.DEAD or kept_until is None:
-            return value or "—"
+            return why
         if kept_until > timezone.now():
             kept = format_html('<span class="kept" title="Stripe\'s Events API lists an event '
                                'for 30 days after it was created">kept at Stripe until {} UTC'
@@ -109,8 +142,19 @@ class EventTable(tables.Table):
         else:
             kept = format_html('<span class="kept gone">no longer kept at Stripe (since {} UTC)'
                                '</span>', f"{kept_until:%Y-%m-%d %H:%M}")
-        return format_html("{}{}", value or "", kept)
+        return format_html("{}{}", why, kept)
 
+    def render_seller(self, value: str | None, record: WebhookEvent) -> str:
+        return seller_link(value, record.account)
+
+    def render_stripe_object_id(self, value: str, record: Any) -> str:
+        if record.payout_pk:
+            return format_html('<a href="{}">{}</a>',
+                               reverse("payout-detail", args=[record.payout_pk]), value)
+        return value
+
+    def render_received_at(self, value: Any) -> str:
+        return formats.when(value)
 
 
 class TransactionLogTable(tables.Table):
