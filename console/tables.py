@@ -38,6 +38,14 @@ def payout_status(payout: Payout) -> str:
     return format_html_join(" ", "{}", ((part,) for part in parts))
 
 
+def seller_link(name: str | None, account: str) -> str:
+    """A seller, linked to its payouts; the platform when there is no connected account."""
+    if not account:
+        return mark_safe('<span class="muted">platform</span>')
+    url = f"{reverse('payout-list')}?q={account}"
+    return format_html('<a href="{}" title="{}">{}</a>', url, account, name or account)
+
+
 class PayoutStatusColumn(tables.Column):
     def render(self, record: Payout) -> str:
         return payout_status(record)
@@ -54,13 +62,13 @@ class PayoutTable(tables.Table):
     stripe_payout_id = tables.Column(verbose_name="Payout", linkify=True,
                                      attrs={"td": {"class": "mono"}})
     seller = tables.Column(accessor="seller__name", verbose_name="Seller",
-                           order_by=("seller__name",), default="platform")
-    amount = tables.Column()
+                           order_by=("seller__name",), empty_values=())
+    amount = tables.Column(attrs={"td": {"class": "amount"}, "th": {"class": "amount"}})
     status = PayoutStatusColumn()
     failure_code = tables.Column(verbose_name="Failure")
     arrival_date = tables.DateTimeColumn(format="Y-m-d", verbose_name="Arrival")
     last_event_type = tables.Column(verbose_name="Last event")
-    created_at = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Created")
+    created_at = tables.Column(verbose_name="Created", attrs={"td": {"class": "when"}})
 
     class Meta:
         model = Payout
@@ -72,14 +80,14 @@ class PayoutTable(tables.Table):
     def render_amount(self, value: int, record: Payout) -> str:
         return money(value, record.currency)
 
+    def render_seller(self, record: Payout) -> str:
+        seller = record.seller
+        return seller_link(seller.name if seller else None,
+                           seller.stripe_account_id if seller else "")
 
+    def render_created_at(self, value: Any) -> str:
+        return formats.when(value)
 
-def seller_link(name: str | None, account: str) -> str:
-    """A seller, linked to its payouts; the platform when there is no connected account."""
-    if not account:
-        return mark_safe('<span class="muted">platform</span>')
-    url = f"{reverse('payout-list')}?q={account}"
-    return format_html('<a href="{}" title="{}">{}</a>', url, account, name or account)
 
 
 class EventTable(tables.Table):
@@ -158,12 +166,13 @@ class EventTable(tables.Table):
 
 
 class TransactionLogTable(tables.Table):
-    started_at = tables.DateTimeColumn(format="Y-m-d H:i:s", verbose_name="Started")
+    started_at = tables.Column(verbose_name="Started", attrs={"td": {"class": "when"}})
     operation = tables.Column()
     isolation_level = tables.Column(verbose_name="Isolation")
     attempts = tables.Column()
     sqlstates = tables.Column(verbose_name="SQLSTATEs", orderable=False)
-    duration_ms = tables.Column(verbose_name="Duration")
+    duration_ms = tables.Column(verbose_name="Duration",
+                                attrs={"td": {"class": "num"}, "th": {"class": "num"}})
     outcome = BadgeColumn()
     event = tables.Column(accessor="event__stripe_event_id", verbose_name="Event",
                           orderable=False, default="")
@@ -174,6 +183,9 @@ class TransactionLogTable(tables.Table):
                   "duration_ms", "outcome", "event"]
         order_by = "-started_at"
         attrs = {"class": "table", "id": "txlogs-table"}
+
+    def render_started_at(self, value: Any) -> str:
+        return formats.when(value)
 
     def render_sqlstates(self, value: list[str]) -> str:
         return ", ".join(value) or "—"

@@ -27,7 +27,7 @@ from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
 from console.inputs import configure_table, safe_next
 from console.tables import EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
-from payouts.models import JobRun, Payout, TransactionLog, WebhookEvent
+from payouts.models import JobRun, Payout, Seller, TransactionLog, WebhookEvent
 from payouts.services import audit, inbox, jobs, seller_payouts
 from payouts.services.processing import event_replay
 from payouts.stripe_api import StripeNotConfigured, stripe_client
@@ -222,10 +222,14 @@ def event_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "kept_until": kept_until,
         "kept_past": kept_until is not None and kept_until <= timezone.now(),
         "payload": selectors.event_payload_pretty(event),
-        "attempts": selectors.event_attempts(event),
+        "attempts": list(selectors.event_attempts(event)),
         "transaction_logs": event.transaction_logs.order_by("started_at"),
         "payout": selectors.payout_by_stripe_id(event.stripe_object_id),
         "pending": event.status in WebhookEvent.PENDING,
+        "settled": event.status not in (*WebhookEvent.PENDING, WebhookEvent.Status.DEAD),
+        "replayable": event.status in selectors.REPLAYABLE,
+        "seller": Seller.objects.filter(stripe_account_id=event.account).first()
+        if event.account else None,
         "gives_up_at": inbox.gives_up_at(event.received_at),
         "max_attempts": settings.WEBHOOK_MAX_ATTEMPTS,
     })
