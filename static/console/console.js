@@ -61,3 +61,10 @@ document.addEventListener("htmx:responseError", (event) => {
 document.addEventListener("htmx:sendError", () => {
   showError("The server could not be reached. Check your connection and try again.");
 });
+
+// A search box filters as one types (its own trigger); the "change" it also fires when it
+// loses focus would send the same filter again, and could redraw the list over a replay
+// clicked in the meantime. Stopped here, in the capture phase, before htmx sees it.
+document.addEventListener("change", (event) => {
+  if (event.target.matches?.('form.filters input[type="search"]')) event.stopPropagation();
+}, true);

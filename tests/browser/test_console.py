@@ -359,7 +359,7 @@ def test_support_dismisses_a_held_event_from_its_page(demo, page):
     event = WebhookEvent.objects.get(stripe_event_id="evt_1DemoHeldAccount01")
     login(page, "support")
     page.goto("/events/")
-    page.locator("#held-link a").click()
+    page.locator("a#held-link").click()
     expect(page.locator("#results .count")).to_have_text("2 events")
     page.get_by_role("link", name="evt_1DemoHeldAccount01").click()
     expect(page.locator("#held")).to_contain_text(
