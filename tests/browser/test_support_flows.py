@@ -67,7 +67,8 @@ def test_support_finds_a_sellers_failed_event_and_the_replay_stays_on_its_row(
     row.get_by_role("button", name=f"Replay {REPLAY_ME}").click()
     expect(row.locator(".by")).to_contain_text("replayed by support")
     expect(row.locator(".by")).to_contain_text("applied")
-    expect(page.locator("#messages li.msg-success")).to_contain_text(f"{REPLAY_ME} replayed: applied")
+    expect(page.locator("#messages li.msg-success")).to_contain_text(
+        f"{REPLAY_ME} replayed: applied")
     # the event no longer failed, and its payout (past its arrival date) no longer stuck
     after = selectors.attention().total
     assert after < before
