@@ -1,5 +1,7 @@
 """django-tables2 tables of the console."""
 
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import django_tables2 as tables
@@ -7,8 +9,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
+from django.utils.timesince import timesince
 
-from payouts.models import Payout, TransactionLog, WebhookEvent
+from payouts.models import AuditEntry, Payout, TransactionLog, WebhookEvent
+from payouts.services.audit import describe_change
 
 
 def money(amount: int | None, currency: str) -> str:
@@ -141,3 +145,77 @@ class TransactionLogTable(tables.Table):
     def render_event(self, value: str, record: TransactionLog) -> Any:
         url = reverse("event-detail", args=[record.event_id])
         return format_html('<a class="mono" href="{}">{}</a>', url, value)
+
+
+def when(at: datetime) -> str:
+    """A moment as "3 minutes ago", the exact UTC time on hover and below."""
+    exact = f"{at:%Y-%m-%d %H:%M:%S} UTC"
+    return format_html('<time datetime="{}" title="{}">{} ago</time>'
+                       '<span class="sub muted">{}</span>', at.isoformat(), exact,
+                       timesince(at, timezone.now(), depth=1), f"{at:%Y-%m-%d %H:%M} UTC")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (=, +, -, @: a dismissal's reason
+    is typed by a person) is exported with a leading apostrophe, as plain text."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+class AuditTable(tables.Table):
+    at = tables.Column(verbose_name="When")
+    actor_name = tables.Column(verbose_name="Who")
+    action = tables.Column()
+    target = tables.Column(verbose_name="Target", attrs={"td": {"class": "mono"}})
+    payout = tables.Column(accessor="payout__stripe_payout_id", verbose_name="Payout",
+                           default="", visible=False)  # CSV only; the page shows it by the target
+    outcome = BadgeColumn()
+    change = tables.Column(verbose_name="Payout before → after", empty_values=(),
+                           orderable=False)
+    detail = tables.Column(orderable=False, attrs={"td": {"class": "detail"}})
+
+    class Meta:
+        model = AuditEntry
+        fields = ["at", "actor_name", "action", "target", "payout", "outcome", "change",
+                  "detail"]
+        order_by = "-at"
+        attrs = {"class": "table", "id": "audit-table"}
+
+    def render_at(self, value: datetime) -> str:
+        return when(value)
+
+    def value_at(self, value: datetime) -> str:
+        return value.isoformat()  # with its offset: +00:00
+
+    def render_action(self, record: AuditEntry) -> str:
+        return record.get_action_display()
+
+    def value_action(self, value: str) -> str:
+        return value
+
+    def render_target(self, value: str, record: AuditEntry) -> str:
+        """The event or payout acted on, linked; an event's payout below it."""
+        if record.event_id:
+            shown = format_html('<a href="{}">{}</a>',
+                                reverse("event-detail", args=[record.event_id]), value)
+        elif record.payout_id:
+            return format_html('<a href="{}">{}</a>',
+                               reverse("payout-detail", args=[record.payout_id]), value)
+        else:
+            return value
+        if record.payout_id and record.payout is not None:
+            shown = format_html('{}<a class="sub" href="{}">{}</a>', shown,
+                                reverse("payout-detail", args=[record.payout_id]),
+                                record.payout.stripe_payout_id or record.payout)
+        return shown
+
+    def render_change(self, record: AuditEntry) -> str:
+        return describe_change(record.before, record.after) or "—"
+
+    def value_change(self, record: AuditEntry) -> str:
+        return describe_change(record.before, record.after)
+
+    def as_values(self, exclude_columns: Any = None) -> Iterator[list[Any]]:
+        for row in super().as_values(exclude_columns):
+            yield [spreadsheet_safe(value) for value in row]

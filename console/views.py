@@ -20,11 +20,12 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 from django_tables2 import RequestConfig
+from django_tables2.export import TableExport
 
 from console import charts, reconciliation
-from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
+from console.filters import AuditFilter, EventFilter, PayoutFilter, TransactionLogFilter
 from console.inputs import configure_table, safe_next
-from console.tables import EventTable, PayoutTable, TransactionLogTable
+from console.tables import AuditTable, EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
 from payouts.models import JobRun, Payout, TransactionLog, WebhookEvent
 from payouts.services import audit, inbox, jobs, seller_payouts
@@ -265,6 +266,29 @@ def transaction_logs(request: HtmxHttpRequest) -> HttpResponse:
         "window_param": [("window", window)],
         "stats": selectors.transaction_stats(since),
     })
+
+
+# --- the audit trail -----------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_auditentry", raise_exception=True)
+def audit_page(request: HtmxHttpRequest) -> HttpResponse:
+    """What people did, filtered; ``?_export=csv`` gives every filtered row as CSV."""
+    filters = AuditFilter(request.GET, queryset=selectors.audit_entries())
+    table = AuditTable(filters.qs)
+    if request.GET.get(TableExport.QUERYSTRING_PARAM) == "csv":
+        RequestConfig(request, paginate=False).configure(table)  # the page's order, all rows
+        log.info("console.audit_exported", user=request.user.get_username(),
+                 rows=len(table.rows))
+        return TableExport("csv", table).response(f"audit-{timezone.now():%Y%m%d-%H%M%S}.csv")
+    configure_table(request, table)
+    export = request.GET.copy()
+    export.pop(table.prefixed_page_field, None)
+    export[TableExport.QUERYSTRING_PARAM] = "csv"
+    return _page(request, "console/audit.html", {
+        "filter": filters, "table": table, "export_query": export.urlencode()})
 
 
 # --- reconciliation with Stripe ------------------------------------------------------------

@@ -13,6 +13,7 @@ from django.db.models import Case, Count, F, Prefetch, Q, QuerySet, Sum, Value, 
 from django.utils import timezone
 
 from payouts.models import (
+    AuditEntry,
     Payout,
     PayoutItem,
     TransactionLog,
@@ -92,6 +93,20 @@ def payouts_to_review() -> QuerySet[Payout]:
     """Payouts marked for a person (and reconciliation), oldest mark first."""
     return (Payout.objects.exclude(review_reason="").select_related("seller")
             .order_by("review_requested_at"))
+
+
+# --- the audit trail -------------------------------------------------------------------
+
+
+def audit_entries() -> QuerySet[AuditEntry]:
+    """Newest first; the payout's id for the link beside an event's."""
+    return AuditEntry.objects.select_related("payout").order_by("-at", "-id")
+
+
+def audit_actor_names() -> list[str]:
+    """Everyone who appears in the audit trail (kept by name if their user is deleted)."""
+    return list(AuditEntry.objects.order_by("actor_name")
+                .values_list("actor_name", flat=True).distinct())
 
 
 # --- transaction logs ----------------------------------------------------------------
@@ -212,9 +227,15 @@ def seller_failure_rates(since: datetime, limit: int = 10) -> list[dict[str, Any
     return [{**row, "rate": row["failed"] / row["total"]} for row in rows]
 
 
-def stuck_in_transit(limit: int = 20) -> tuple[int, list[Payout]]:
-    stuck = Payout.objects.filter(status=Payout.Status.IN_TRANSIT,
-                                  arrival_date__lt=timezone.now())
+def payouts_stuck_in_transit(now: datetime, payouts: QuerySet[Payout] | None = None,
+                             ) -> QuerySet[Payout]:
+    """In transit past their arrival date: Health's card and the payouts filter alike."""
+    payouts = Payout.objects.all() if payouts is None else payouts
+    return payouts.filter(status=Payout.Status.IN_TRANSIT, arrival_date__lt=now)
+
+
+def stuck_in_transit(limit: int = 20, now: datetime | None = None) -> tuple[int, list[Payout]]:
+    stuck = payouts_stuck_in_transit(now or timezone.now())
     return stuck.count(), list(stuck.select_related("seller").order_by("arrival_date")[:limit])
 
 
@@ -227,10 +248,17 @@ class Backlog:
     held: int  # disagree with our ledger: a person decides
 
 
-def event_backlog() -> Backlog:
-    now = timezone.now()
+def events_due(now: datetime, events: QuerySet[WebhookEvent] | None = None,
+               ) -> QuerySet[WebhookEvent]:
+    """Waiting for (re)processing and due: Health's backlog and the events filter alike."""
+    events = WebhookEvent.objects.all() if events is None else events
+    return events.filter(status__in=WebhookEvent.PENDING, next_attempt_at__lte=now)
+
+
+def event_backlog(now: datetime | None = None) -> Backlog:
+    now = now or timezone.now()
     pending = WebhookEvent.objects.filter(status__in=WebhookEvent.PENDING)
-    due = pending.filter(next_attempt_at__lte=now)
+    due = events_due(now)
     oldest = due.order_by("received_at").values_list("received_at", flat=True).first()
     return Backlog(
         pending=pending.count(), due=due.count(),
