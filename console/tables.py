@@ -191,7 +191,14 @@ class AuditTable(tables.Table):
     def render_action(self, record: AuditEntry) -> str:
         return record.get_action_display()
 
-    def value_action(self, value: str) -> str:
+    # The CSV: plain values, not the page's HTML.
+    def value_action(self, record: AuditEntry) -> str:
+        return record.action
+
+    def value_target(self, value: str) -> str:
+        return value
+
+    def value_outcome(self, value: str) -> str:
         return value
 
     def render_target(self, value: str, record: AuditEntry) -> str:
