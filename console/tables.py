@@ -1,7 +1,7 @@
 """django-tables2 tables of the console."""
 
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import django_tables2 as tables
@@ -150,9 +150,10 @@ class TransactionLogTable(tables.Table):
 def when(at: datetime) -> str:
     """A moment as "3 minutes ago", the exact UTC time on hover and below."""
     exact = f"{at:%Y-%m-%d %H:%M:%S} UTC"
-    return format_html('<time datetime="{}" title="{}">{} ago</time>'
-                       '<span class="sub muted">{}</span>', at.isoformat(), exact,
-                       timesince(at, timezone.now(), depth=1), f"{at:%Y-%m-%d %H:%M} UTC")
+    now = timezone.now()
+    ago = "just now" if now - at < timedelta(minutes=1) else f"{timesince(at, now, depth=1)} ago"
+    return format_html('<time datetime="{}" title="{}">{}</time><span class="sub muted">{}</span>',
+                       at.isoformat(), exact, ago, f"{at:%Y-%m-%d %H:%M} UTC")
 
 
 def spreadsheet_safe(value: Any) -> Any:
