@@ -28,7 +28,7 @@ def hourly_chart(series: Sequence[tuple[datetime, float]], *, unit: str,
         height = value / peak * PLOT_HEIGHT
         bars.append((f"{(i + 0.15) * slot:.3f}%", f"{PLOT_HEIGHT - height:.1f}",
                      f"{slot * 0.7:.3f}%", f"{height:.1f}",
-                     f"{at:%H:%M}–{at + timedelta(hours=1):%H:%M} UTC", _figure(value), unit))
+                     f"{at:%H:%M} to {at + timedelta(hours=1):%H:%M} UTC", _figure(value), unit))
         if at.hour % TICK_EVERY_HOURS == 0:
             ticks.append(_tick(i, slot, f"{at:%H:%M}"))
     first, last = series[0][0], series[-1][0]

@@ -122,11 +122,11 @@ def evaluate(figures: Figures) -> Verdict:
 
 
 def duration(seconds: float | None) -> str:
-    """"0.35 s", "42 s", "12 min", "3.5 h": for a card, not for arithmetic."""
+    """"1 s", "0.35 s", "42 s", "12 min", "3.5 h": for a card, not for arithmetic."""
     if seconds is None:
         return "—"
     if seconds < 10:
-        return f"{seconds:.2f} s"
+        return f"{seconds:.2f}".rstrip("0").rstrip(".") + " s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

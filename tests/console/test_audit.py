@@ -75,8 +75,10 @@ def test_the_audit_lists_a_replay_and_a_dismissal_with_the_payout_before_and_aft
         ("bob", "dismiss"), ("alice", "replay")]
     page = response.content.decode()
     failed, failing = trail["failed"], Payout.objects.get(pk=trail["failing"].pk)
-    assert f'<a href="{reverse("event-detail", args=[failed.pk])}">{failed.stripe_event_id}</a>' in page
-    assert f'href="{reverse("payout-detail", args=[failing.pk])}">{failing.stripe_payout_id}</a>' in page
+    event_url = reverse("event-detail", args=[failed.pk])
+    payout_url = reverse("payout-detail", args=[failing.pk])
+    assert f'<a href="{event_url}">{failed.stripe_event_id}</a>' in page
+    assert f'href="{payout_url}">{failing.stripe_payout_id}</a>' in page
     assert f"in_transit → failed, failure code {failing.failure_code}" in page
     assert '<span class="badge badge-applied">applied</span>' in page
     assert '<span class="badge badge-skipped">skipped</span>' in page
@@ -97,6 +99,8 @@ def test_filters_by_user_action_and_dates(trail):
     today = timezone.now().date()
     assert len(rows(client.get(reverse("audit"), {"after": today, "before": today}))) == 2
     assert rows(client.get(reverse("audit"), {"after": today + timedelta(days=1)})) == []
+    fragment = client.get(reverse("audit"), {"action": "replay"}, HTTP_HX_REQUEST="true")
+    assert fragment.content.decode().strip().startswith('<section id="results"')  # htmx swap
     choices = client.get(reverse("audit")).context["filter"].form.fields["user"].choices
     assert [name for name, _ in choices if name] == ["alice", "bob"]  # who appears, only
 
