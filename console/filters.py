@@ -8,7 +8,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from payouts import selectors
-from payouts.models import AuditEntry, Payout, TransactionLog, WebhookEvent
+from payouts.models import AuditEntry, Payout, Seller, TransactionLog, WebhookEvent
 
 DATE = forms.DateInput(attrs={"type": "date"})
 
@@ -17,24 +17,28 @@ class PayoutFilter(django_filters.FilterSet):
     q = django_filters.CharFilter(method="search", label="Search",
                                   help_text="po_…, acct_… or seller name")
     status = django_filters.ChoiceFilter(choices=Payout.Status.choices, empty_label="any status")
-    failure_code = django_filters.CharFilter(label="Failure code")
+    failure_code = django_filters.ChoiceFilter(choices=[], label="Failure code",
+                                               empty_label="any failure")
     created_after = django_filters.DateFilter(field_name="created_at", lookup_expr="date__gte",
                                               label="Created from", widget=DATE)
     created_before = django_filters.DateFilter(field_name="created_at", lookup_expr="date__lte",
                                                label="to", widget=DATE)
     flag = django_filters.ChoiceFilter(
         method="flagged", label="Marked", empty_label="anything",
-        choices=[("review", "to review"), ("reversed", "reversed"), ("reversal", "reversals"),
-                 ("stuck", "stuck in transit")])
+        choices=[("review", "to review"), ("stuck", "stuck in transit"), ("reversed", "reversed"),
+                 ("reversal", "reversals")])
 
     class Meta:
         model = Payout
         fields = ["q", "status", "failure_code", "created_after", "created_before", "flag"]
 
+    def __init__(self, *args: Any, failure_codes: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.filters["failure_code"].extra["choices"] = [(c, c) for c in failure_codes]
+
     def flagged(self, queryset: QuerySet[Payout], name: str, value: str) -> QuerySet[Payout]:
-        if value == "stuck":  # Health's "stuck in transit" card links here
-            return selectors.payouts_stuck_in_transit(timezone.now(), queryset)
         return {"review": queryset.exclude(review_reason=""),
+                "stuck": queryset.filter(selectors.stuck()),
                 "reversed": queryset.filter(reversed_at__isnull=False),
                 "reversal": queryset.filter(original_payout__isnull=False)}[value]
 
@@ -48,11 +52,11 @@ class PayoutFilter(django_filters.FilterSet):
 
 
 class EventFilter(django_filters.FilterSet):
-    q = django_filters.CharFilter(method="search", label="Search", help_text="evt_… or po_…")
+    q = django_filters.CharFilter(method="search", label="Search",
+                                  help_text="seller name, acct_…, po_… or evt_…")
     status = django_filters.ChoiceFilter(choices=WebhookEvent.Status.choices,
                                          empty_label="any status")
-    type = django_filters.CharFilter(label="Type", lookup_expr="exact")
-    account = django_filters.CharFilter(label="Account", lookup_expr="exact")
+    type = django_filters.ChoiceFilter(choices=[], label="Type", empty_label="any type")
     received_after = django_filters.DateFilter(field_name="received_at", lookup_expr="date__gte",
                                                label="Received from", widget=DATE)
     received_before = django_filters.DateFilter(field_name="received_at",
@@ -62,8 +66,11 @@ class EventFilter(django_filters.FilterSet):
 
     class Meta:
         model = WebhookEvent
-        fields = ["q", "status", "type", "account", "received_after", "received_before",
-                  "queue"]
+        fields = ["q", "status", "type", "received_after", "received_before", "queue"]
+
+    def __init__(self, *args: Any, types: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.filters["type"].extra["choices"] = [(t, t) for t in types]
 
     def in_queue(self, queryset: QuerySet[WebhookEvent], name: str,
                  value: str) -> QuerySet[WebhookEvent]:
@@ -72,7 +79,16 @@ class EventFilter(django_filters.FilterSet):
     def search(self, queryset: QuerySet[WebhookEvent], name: str,
                value: str) -> QuerySet[WebhookEvent]:
         value = value.strip()
-        return queryset.filter(Q(stripe_event_id__startswith=value)
+        if value.startswith("evt_"):
+            return queryset.filter(stripe_event_id__startswith=value)
+        if value.startswith("acct_"):
+            return queryset.filter(account__startswith=value)
+        if value.startswith(("po_", "resync_")):
+            return queryset.filter(Q(stripe_object_id__startswith=value)
+                                   | Q(stripe_event_id__startswith=value))
+        accounts = (Seller.objects.filter(name__icontains=value).exclude(stripe_account_id="")
+                    .values("stripe_account_id"))
+        return queryset.filter(Q(account__in=accounts) | Q(stripe_event_id__startswith=value)
                                | Q(stripe_object_id__startswith=value))
 
 

@@ -1,7 +1,7 @@
 """django-tables2 tables of the console."""
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import django_tables2 as tables
@@ -9,8 +9,9 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
-from django.utils.timesince import timesince
 
+from console import formats
+from payouts import selectors
 from payouts.models import AuditEntry, Payout, TransactionLog, WebhookEvent
 from payouts.services.audit import describe_change
 
@@ -40,6 +41,14 @@ def payout_status(payout: Payout) -> str:
     return format_html_join(" ", "{}", ((part,) for part in parts))
 
 
+def seller_link(name: str | None, account: str) -> str:
+    """A seller, linked to its payouts; the platform when there is no connected account."""
+    if not account:
+        return mark_safe('<span class="muted">platform</span>')
+    url = f"{reverse('payout-list')}?q={account}"
+    return format_html('<a href="{}" title="{}">{}</a>', url, account, name or account)
+
+
 class PayoutStatusColumn(tables.Column):
     def render(self, record: Payout) -> str:
         return payout_status(record)
@@ -56,13 +65,13 @@ class PayoutTable(tables.Table):
     stripe_payout_id = tables.Column(verbose_name="Payout", linkify=True,
                                      attrs={"td": {"class": "mono"}})
     seller = tables.Column(accessor="seller__name", verbose_name="Seller",
-                           order_by=("seller__name",), default="platform")
-    amount = tables.Column()
+                           order_by=("seller__name",), empty_values=())
+    amount = tables.Column(attrs={"td": {"class": "amount"}, "th": {"class": "amount"}})
     status = PayoutStatusColumn()
     failure_code = tables.Column(verbose_name="Failure")
     arrival_date = tables.DateTimeColumn(format="Y-m-d", verbose_name="Arrival")
     last_event_type = tables.Column(verbose_name="Last event")
-    created_at = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Created")
+    created_at = tables.Column(verbose_name="Created", attrs={"td": {"class": "when"}})
 
     class Meta:
         model = Payout
@@ -74,38 +83,69 @@ class PayoutTable(tables.Table):
     def render_amount(self, value: int, record: Payout) -> str:
         return money(value, record.currency)
 
+    def render_seller(self, record: Payout) -> str:
+        seller = record.seller
+        return seller_link(seller.name if seller else None,
+                           seller.stripe_account_id if seller else "")
+
+    def render_created_at(self, value: Any) -> str:
+        return formats.when(value)
+
 
 
 class EventTable(tables.Table):
     select = tables.CheckBoxColumn(accessor="pk", attrs={
-        "th__input": {"aria-label": "select all", "data-select-all": "event_ids"},
+        "th__input": {"aria-label": "Select every event on this page",
+                      "data-select-all": "event_ids"},
         "td__input": {"name": "event_ids", "form": "bulk-replay"}}, orderable=False)
     stripe_event_id = tables.Column(verbose_name="Event", linkify=True,
                                     attrs={"td": {"class": "mono"}})
     type = tables.Column()
-    status = BadgeColumn()
+    status = tables.Column()
     status_reason = tables.Column(verbose_name="Why", orderable=False, empty_values=())
+    seller = tables.Column(accessor="seller_name", verbose_name="Seller", orderable=False,
+                           empty_values=())
     stripe_object_id = tables.Column(verbose_name="Object", attrs={"td": {"class": "mono"}})
-    stripe_created = tables.DateTimeColumn(format="Y-m-d H:i", verbose_name="Created",
-                                           attrs={"td": {"class": "num"}})
-    attempts = tables.Column()
-    replay = tables.TemplateColumn(template_name="console/_replay_button.html",
-                                   orderable=False, verbose_name="")
+    received_at = tables.Column(verbose_name="Received", attrs={"td": {"class": "when"}})
+    attempt_rows = tables.Column(verbose_name="Attempts", orderable=False, default=0,
+                                 attrs={"td": {"class": "num"}, "th": {"class": "num"}})
+    actions = tables.TemplateColumn(template_name="console/_replay_button.html",
+                                    extra_context={"replayable": selectors.REPLAYABLE},
+                                    orderable=False, verbose_name="Actions", empty_values=())
 
     class Meta:
         model = WebhookEvent
-        fields = ["select", "stripe_event_id", "type", "status", "status_reason",
-                  "stripe_object_id", "stripe_created", "attempts", "replay"]
+        fields = ["select", "stripe_event_id", "type", "status", "status_reason", "seller",
+                  "stripe_object_id", "received_at", "attempt_rows", "actions"]
         order_by = "-received_at"
         attrs = {"class": "table", "id": "events-table"}
         row_attrs = {"id": lambda record: f"event-{record.pk}"}
         template_name = "console/_events_table.html"
 
+    def render_select(self, value: int, record: WebhookEvent, bound_column: Any) -> str:
+        return format_html('<input type="checkbox" name="event_ids" value="{}" form="bulk-replay"'
+                           ' aria-label="Select {}">', value, record.stripe_event_id)
+
+    def render_status(self, record: Any) -> str:
+        """The status, and the last thing a person did to the event: who, when, outcome."""
+        badge = status_badge(record.status)
+        if not record.person_action:
+            return badge
+        verb = "dismissed" if record.person_action == "dismiss" else "replayed"
+        return format_html('{}<span class="by">{} by {} {} → {}</span>', badge, verb,
+                           record.person_name or "a deleted user", formats.soon(record.person_at),
+                           record.person_outcome)
+
     def render_status_reason(self, value: str, record: WebhookEvent) -> str:
-        """Why; for a dead event also how long Stripe still keeps it (to list it again)."""
+        """Why; the last error when there is no reason; when a failed event is retried
+        next; for a dead event how long Stripe still keeps it (to list it again)."""
+        why = value or record.last_error or "—"
+        if record.status == WebhookEvent.Status.FAILED and record.next_attempt_at:
+            return format_html('{}<span class="next">next retry {}</span>', why,
+                               formats.soon(record.next_attempt_at))
         kept_until = record.kept_by_stripe_until
         if record.status != WebhookEvent.Status.DEAD or kept_until is None:
-            return value or "—"
+            return why
         if kept_until > timezone.now():
             kept = format_html('<span class="kept" title="Stripe\'s Events API lists an event '
                                'for 30 days after it was created">kept at Stripe until {} UTC'
@@ -113,17 +153,29 @@ class EventTable(tables.Table):
         else:
             kept = format_html('<span class="kept gone">no longer kept at Stripe (since {} UTC)'
                                '</span>', f"{kept_until:%Y-%m-%d %H:%M}")
-        return format_html("{}{}", value or "", kept)
+        return format_html("{}{}", why, kept)
 
+    def render_seller(self, value: str | None, record: WebhookEvent) -> str:
+        return seller_link(value, record.account)
+
+    def render_stripe_object_id(self, value: str, record: Any) -> str:
+        if record.payout_pk:
+            return format_html('<a href="{}">{}</a>',
+                               reverse("payout-detail", args=[record.payout_pk]), value)
+        return value
+
+    def render_received_at(self, value: Any) -> str:
+        return formats.when(value)
 
 
 class TransactionLogTable(tables.Table):
-    started_at = tables.DateTimeColumn(format="Y-m-d H:i:s", verbose_name="Started")
+    started_at = tables.Column(verbose_name="Started", attrs={"td": {"class": "when"}})
     operation = tables.Column()
     isolation_level = tables.Column(verbose_name="Isolation")
     attempts = tables.Column()
     sqlstates = tables.Column(verbose_name="SQLSTATEs", orderable=False)
-    duration_ms = tables.Column(verbose_name="Duration")
+    duration_ms = tables.Column(verbose_name="Duration",
+                                attrs={"td": {"class": "num"}, "th": {"class": "num"}})
     outcome = BadgeColumn()
     event = tables.Column(accessor="event__stripe_event_id", verbose_name="Event",
                           orderable=False, default="")
@@ -135,6 +187,9 @@ class TransactionLogTable(tables.Table):
         order_by = "-started_at"
         attrs = {"class": "table", "id": "txlogs-table"}
 
+    def render_started_at(self, value: Any) -> str:
+        return formats.when(value)
+
     def render_sqlstates(self, value: list[str]) -> str:
         return ", ".join(value) or "—"
 
@@ -145,15 +200,6 @@ class TransactionLogTable(tables.Table):
     def render_event(self, value: str, record: TransactionLog) -> Any:
         url = reverse("event-detail", args=[record.event_id])
         return format_html('<a class="mono" href="{}">{}</a>', url, value)
-
-
-def when(at: datetime) -> str:
-    """A moment as "3 minutes ago", the exact UTC time on hover and below."""
-    exact = f"{at:%Y-%m-%d %H:%M:%S} UTC"
-    now = timezone.now()
-    ago = "just now" if now - at < timedelta(minutes=1) else f"{timesince(at, now, depth=1)} ago"
-    return format_html('<time datetime="{}" title="{}">{}</time><span class="sub muted">{}</span>',
-                       at.isoformat(), exact, ago, f"{at:%Y-%m-%d %H:%M} UTC")
 
 
 def spreadsheet_safe(value: Any) -> Any:
@@ -184,7 +230,7 @@ class AuditTable(tables.Table):
         attrs = {"class": "table", "id": "audit-table"}
 
     def render_at(self, value: datetime) -> str:
-        return when(value)
+        return formats.when(value)
 
     def value_at(self, value: datetime) -> str:
         return value.isoformat()  # with its offset: +00:00

@@ -6,6 +6,7 @@ from console import views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("attention/", views.attention_page, name="attention"),
     path("payouts/", views.payout_list, name="payout-list"),
     path("payouts/<int:pk>/", views.payout_detail, name="payout-detail"),
     path("payouts/<int:pk>/resync/", views.payout_resync_view, name="payout-resync"),

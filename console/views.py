@@ -8,6 +8,7 @@ a replay swaps its table row in place.
 from datetime import timedelta
 from typing import Any
 
+import django_tables2 as tables
 import structlog
 from django.conf import settings
 from django.contrib import messages
@@ -28,7 +29,7 @@ from console.filters import AuditFilter, EventFilter, PayoutFilter, TransactionL
 from console.inputs import configure_table, safe_next
 from console.tables import AuditTable, EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
-from payouts.models import JobRun, Payout, TransactionLog, WebhookEvent
+from payouts.models import JobRun, Payout, Seller, TransactionLog, WebhookEvent
 from payouts.services import audit, inbox, jobs, seller_payouts
 from payouts.services.processing import event_replay
 from payouts.stripe_api import StripeNotConfigured, stripe_client
@@ -36,6 +37,14 @@ from payouts.stripe_api import StripeNotConfigured, stripe_client
 log = structlog.get_logger(__name__)
 
 BULK_REPLAY_LIMIT = 500  # per request, so one click cannot hold a worker for minutes
+
+# How a replay's outcome is shown: green only when it did what was asked, or there was
+# nothing to do; amber when it waits (retry) or for a person (held); red when it failed.
+OUTCOME_LEVEL = {"applied": "success", "skipped": "info", "ignored": "info", "retry": "warning",
+                 "held": "warning", "failed": "error"}
+LEVELS = ["success", "info", "warning", "error"]
+MESSAGE_LEVEL = {"success": messages.SUCCESS, "info": messages.INFO,
+                 "warning": messages.WARNING, "error": messages.ERROR}
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -53,11 +62,40 @@ def _page(request: HtmxHttpRequest, template: str, context: dict[str, Any],
 @require_GET
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    if request.user.has_perm("payouts.view_payout"):
-        return redirect("payout-list")
+    """Each role lands where its work is: Support (who replay) on what needs a person,
+    Managers on health."""
+    if request.user.has_perm("payouts.replay_webhookevent"):
+        return redirect("attention")
     if request.user.has_perm("payouts.view_health"):
         return redirect("health")
+    if request.user.has_perm("payouts.view_payout"):
+        return redirect("payout-list")
     return render(request, "console/home.html")  # signed in, but no role yet
+
+
+ATTENTION_ROWS = 20
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_webhookevent", raise_exception=True)
+def attention_page(request: HtmxHttpRequest) -> HttpResponse:
+    """Needs attention: held, dead and failed events, payouts to review, payouts stuck."""
+    events = EventTable(selectors.events_needing_a_person()[:ATTENTION_ROWS],
+                        exclude=["select"], orderable=False)
+    RequestConfig(request, paginate=False).configure(events)
+    stuck = PayoutTable(selectors.payouts_stuck().select_related("seller")
+                        .order_by("arrival_date")[:ATTENTION_ROWS], orderable=False,
+                        attrs={"class": "table", "id": "stuck-table"})
+    to_review = PayoutTable(selectors.payouts_to_review()[:ATTENTION_ROWS], orderable=False,
+                            extra_columns=[("review_reason", tables.Column("Why to review"))],
+                            attrs={"class": "table", "id": "review-table"})
+    for table in (stuck, to_review):
+        RequestConfig(request, paginate=False).configure(table)
+    return render(request, "console/attention.html", {
+        "counts": selectors.attention(), "events": events, "stuck": stuck,
+        "to_review": to_review, "rows": ATTENTION_ROWS,
+    })
 
 
 # --- payouts -------------------------------------------------------------------------------
@@ -67,7 +105,8 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 @permission_required("payouts.view_payout", raise_exception=True)
 def payout_list(request: HtmxHttpRequest) -> HttpResponse:
-    filters = PayoutFilter(request.GET, queryset=selectors.payout_list())
+    filters = PayoutFilter(request.GET, queryset=selectors.payout_list(),
+                           failure_codes=selectors.failure_codes_present())
     table = PayoutTable(filters.qs)
     configure_table(request, table)
     return _page(request, "console/payouts.html", {"filter": filters, "table": table})
@@ -164,7 +203,8 @@ def _event_table(request: HttpRequest, queryset: QuerySet[WebhookEvent]) -> Even
 @login_required
 @permission_required("payouts.view_webhookevent", raise_exception=True)
 def event_list(request: HtmxHttpRequest) -> HttpResponse:
-    filters = EventFilter(request.GET, queryset=selectors.event_list())
+    filters = EventFilter(request.GET, queryset=selectors.event_list(),
+                          types=selectors.event_types())
     return _page(request, "console/events.html", {
         "filter": filters,
         "table": _event_table(request, filters.qs),
@@ -184,10 +224,14 @@ def event_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "kept_until": kept_until,
         "kept_past": kept_until is not None and kept_until <= timezone.now(),
         "payload": selectors.event_payload_pretty(event),
-        "attempts": selectors.event_attempts(event),
+        "attempts": list(selectors.event_attempts(event)),
         "transaction_logs": event.transaction_logs.order_by("started_at"),
         "payout": selectors.payout_by_stripe_id(event.stripe_object_id),
         "pending": event.status in WebhookEvent.PENDING,
+        "settled": event.status not in (*WebhookEvent.PENDING, WebhookEvent.Status.DEAD),
+        "replayable": event.status in selectors.REPLAYABLE,
+        "seller": Seller.objects.filter(stripe_account_id=event.account).first()
+        if event.account else None,
         "gives_up_at": inbox.gives_up_at(event.received_at),
         "max_attempts": settings.WEBHOOK_MAX_ATTEMPTS,
     })
@@ -199,12 +243,19 @@ def event_detail(request: HttpRequest, pk: int) -> HttpResponse:
 def event_replay_view(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     event = get_object_or_404(WebhookEvent, pk=pk)
     outcome = event_replay(event_id=event.pk, requested_by=request.user)  # type: ignore[arg-type]
+    said = (f"{event.stripe_event_id} replayed: {outcome.kind}, now {outcome.status_after}. "
+            f"{outcome.reason}")
     if request.htmx:
+        # The row, redrawn with who replayed it and the outcome; the message and the
+        # counts (navigation badge, the list's toolbar) swapped out of band.
         table = EventTable(selectors.event_list().filter(pk=event.pk))
         RequestConfig(request, paginate=False).configure(table)  # cells see perms and csrf
-        return render(request, "console/_events_table.html#event-row",
-                      {"row": table.rows[0], "table": table, "replayed": outcome})
-    messages.info(request, f"{event.stripe_event_id}: {outcome.kind} ({outcome.reason})")
+        return render(request, "console/_replayed_row.html", {
+            "row": table.rows[0], "table": table, "replayed": outcome, "oob": True,
+            "said": said, "level": OUTCOME_LEVEL.get(outcome.kind, "warning"),
+            "failed_count": selectors.failed_event_count(),
+            "held_count": selectors.held_event_count()})
+    messages.add_message(request, MESSAGE_LEVEL[OUTCOME_LEVEL.get(outcome.kind, "warning")], said)
     return HttpResponseRedirect(safe_next(request, reverse("event-detail", args=[pk])))
 
 
@@ -235,15 +286,21 @@ def event_bulk_replay(request: HtmxHttpRequest) -> HttpResponse:
         asked = [int(v) for v in request.POST.getlist("event_ids") if v.isdigit()]
         ids = list(WebhookEvent.objects.filter(pk__in=asked[:BULK_REPLAY_LIMIT])
                    .order_by("received_at").values_list("pk", flat=True))
+    back = HttpResponseRedirect(safe_next(request, reverse("event-list")))
+    if not ids:
+        messages.error(request, "Nothing was replayed: no event was selected.")
+        return back
     tally: dict[str, int] = {}
     for event_id in ids:
         outcome = event_replay(event_id=event_id, requested_by=request.user)  # type: ignore[arg-type]
         tally[outcome.kind] = tally.get(outcome.kind, 0) + 1
-    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(tally.items())) or "nothing selected"
+    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(tally.items()))
     log.info("console.bulk_replay", user=request.user.get_username(), events=len(ids),
              outcomes=tally)
-    messages.success(request, f"Replayed {len(ids)} event(s): {summary}")
-    return HttpResponseRedirect(safe_next(request, reverse("event-list")))
+    # Coloured by the worst outcome: green only when nothing is left to look at.
+    worst = max((OUTCOME_LEVEL.get(kind, "warning") for kind in tally), key=LEVELS.index)
+    messages.add_message(request, MESSAGE_LEVEL[worst], f"Replayed {len(ids)} event(s): {summary}")
+    return back
 
 
 # --- transaction logs -------------------------------------------------------------------------
@@ -326,7 +383,6 @@ def health(request: HtmxHttpRequest) -> HttpResponse:
 
     return _page(request, "console/health.html", {
         "verdict": verdict.evaluate(figures),
-        "oldest_due_limit": verdict.duration(settings.HEALTH_OLDEST_DUE_SECONDS),
         "by_status": summary.by_status,
         "summary_at": summary.computed_at,
         "failure_codes": selectors.failure_codes(now - timedelta(days=30)),

@@ -9,13 +9,27 @@ from typing import Any
 
 from django.core.cache import cache
 from django.db import connection
-from django.db.models import Case, Count, F, Prefetch, Q, QuerySet, Sum, Value, When
+from django.db.models import (
+    Case,
+    Count,
+    F,
+    IntegerField,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
 from django.utils import timezone
 
 from payouts.models import (
     AuditEntry,
     Payout,
     PayoutItem,
+    Seller,
     TransactionLog,
     WebhookEvent,
     WebhookEventAttempt,
@@ -64,8 +78,50 @@ def payout_timeline(payout: Payout) -> QuerySet[WebhookEvent]:
             ))
 
 
+# Events a replay can still change: applied, skipped and ignored ones are settled.
+REPLAYABLE = (WebhookEvent.Status.RECEIVED, WebhookEvent.Status.FAILED, WebhookEvent.Status.DEAD,
+              WebhookEvent.Status.HELD)
+PERSON_TRIGGERS = (WebhookEventAttempt.Trigger.REPLAY, WebhookEventAttempt.Trigger.DISMISS)
+
+
 def event_list() -> QuerySet[WebhookEvent]:
-    return WebhookEvent.objects.defer("raw_body", "headers")
+    """Events with what the list shows beside them: their seller (by connected account),
+    how many attempts they have on record, and the last thing a person did to them.
+    Subqueries, so they run for the page's rows only."""
+    seller = Seller.objects.filter(stripe_account_id=OuterRef("account"))
+    attempts = WebhookEventAttempt.objects.filter(event=OuterRef("pk"))
+    by_person = attempts.filter(trigger__in=PERSON_TRIGGERS).order_by("-finished_at", "-id")
+    return WebhookEvent.objects.defer("raw_body", "headers").annotate(
+        seller_name=Subquery(seller.values("name")[:1]),
+        payout_pk=Subquery(Payout.objects.filter(stripe_payout_id=OuterRef("stripe_object_id"))
+                           .values("pk")[:1]),
+        attempt_rows=Subquery(attempts.order_by().values("event").annotate(n=Count("id"))
+                              .values("n"), output_field=IntegerField()),
+        person_action=Subquery(by_person.values("trigger")[:1]),
+        person_outcome=Subquery(by_person.values("outcome")[:1]),
+        person_at=Subquery(by_person.values("finished_at")[:1]),
+        person_name=Subquery(by_person.values("requested_by__username")[:1]),
+    )
+
+
+def _distinct(table: str, column: str, where: str = "TRUE") -> list[str]:
+    """The distinct values of an indexed column, one index probe per value (a loose index
+    scan): milliseconds over millions of rows, where SELECT DISTINCT reads them all."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"""
+            WITH RECURSIVE v(value) AS (
+                SELECT min({column}) FROM {table} WHERE {where}
+                UNION ALL
+                SELECT (SELECT min({column}) FROM {table} WHERE {where} AND {column} > v.value)
+                FROM v WHERE v.value IS NOT NULL
+            )
+            SELECT value FROM v WHERE value IS NOT NULL""")
+        return [row[0] for row in cursor.fetchall()]
+
+
+def event_types() -> list[str]:
+    """The event types on record, for the events list's filter."""
+    return _distinct(WebhookEvent._meta.db_table, "type")
 
 
 def event_payload_pretty(event: WebhookEvent) -> str:
@@ -83,6 +139,11 @@ def event_attempts(event: WebhookEvent) -> QuerySet[WebhookEventAttempt]:
 
 def failed_event_count() -> int:
     return WebhookEvent.objects.filter(status=WebhookEvent.Status.FAILED).count()
+
+
+def failure_codes_present() -> list[str]:
+    """The failure codes payouts have, for the payouts list's filter."""
+    return _distinct(Payout._meta.db_table, "failure_code", "failure_code <> ''")
 
 
 def held_event_count() -> int:
@@ -227,16 +288,54 @@ def seller_failure_rates(since: datetime, limit: int = 10) -> list[dict[str, Any
     return [{**row, "rate": row["failed"] / row["total"]} for row in rows]
 
 
-def payouts_stuck_in_transit(now: datetime, payouts: QuerySet[Payout] | None = None,
-                             ) -> QuerySet[Payout]:
-    """In transit past their arrival date: Health's card and the payouts filter alike."""
-    payouts = Payout.objects.all() if payouts is None else payouts
-    return payouts.filter(status=Payout.Status.IN_TRANSIT, arrival_date__lt=now)
+def stuck(now: datetime | None = None) -> Q:
+    """In transit past their arrival date: Stripe has not said paid or failed. ``now``:
+    Health reads every figure at one moment."""
+    return Q(status=Payout.Status.IN_TRANSIT, arrival_date__lt=now or timezone.now())
+
+
+def payouts_stuck(now: datetime | None = None) -> QuerySet[Payout]:
+    return Payout.objects.filter(stuck(now))
 
 
 def stuck_in_transit(limit: int = 20, now: datetime | None = None) -> tuple[int, list[Payout]]:
-    stuck = payouts_stuck_in_transit(now or timezone.now())
+    stuck = payouts_stuck(now)
     return stuck.count(), list(stuck.select_related("seller").order_by("arrival_date")[:limit])
+
+
+@dataclass(frozen=True)
+class Attention:
+    """What waits for a person, counted: the navigation's badge and the Needs attention page."""
+
+    failed: int
+    dead: int
+    held: int
+    to_review: int  # drifted from Stripe, or otherwise marked
+    stuck: int
+
+    @property
+    def total(self) -> int:
+        return self.failed + self.dead + self.held + self.to_review + self.stuck
+
+
+NEEDS_A_PERSON = (WebhookEvent.Status.FAILED, WebhookEvent.Status.DEAD, WebhookEvent.Status.HELD)
+
+
+def attention() -> Attention:
+    by_status = dict(WebhookEvent.objects.filter(status__in=NEEDS_A_PERSON).order_by()
+                     .values_list("status").annotate(n=Count("id")))
+    return Attention(failed=by_status.get(WebhookEvent.Status.FAILED, 0),
+                     dead=by_status.get(WebhookEvent.Status.DEAD, 0),
+                     held=by_status.get(WebhookEvent.Status.HELD, 0),
+                     to_review=Payout.objects.exclude(review_reason="").count(),
+                     stuck=payouts_stuck().count())
+
+
+def events_needing_a_person() -> QuerySet[WebhookEvent]:
+    """Held first (a decision), then dead (retries exhausted), then failed; newest first."""
+    order = Case(When(status=WebhookEvent.Status.HELD, then=0),
+                 When(status=WebhookEvent.Status.DEAD, then=1), default=2)
+    return event_list().filter(status__in=NEEDS_A_PERSON).order_by(order, "-received_at")
 
 
 @dataclass(frozen=True)

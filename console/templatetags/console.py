@@ -1,8 +1,10 @@
+from datetime import datetime
+
 from django import template
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from console import reconciliation
+from console import formats, reconciliation
 from console.tables import money as format_money
 from console.tables import payout_status as format_payout_status
 from console.tables import status_badge
@@ -45,3 +47,13 @@ def run_counts(run: JobRun) -> str:
 @register.filter
 def run_duration(run: JobRun) -> str:
     return reconciliation.run_duration(run)
+
+
+@register.filter
+def when(value: datetime | None) -> SafeString:
+    return formats.when(value)
+
+
+@register.filter
+def soon(value: datetime | None) -> SafeString:
+    return formats.soon(value)

@@ -25,3 +25,39 @@ document.addEventListener("click", (event) => {
   const button = event.target.closest("[data-confirm]");
   if (button && !window.confirm(button.dataset.confirm)) event.preventDefault();
 });
+
+// A button marked data-needs-selection="name" is enabled only while a box of that name is
+// ticked (an empty selection cannot be submitted); its data-confirm may say {count}.
+function syncSelectionButtons() {
+  for (const button of document.querySelectorAll("[data-needs-selection]")) {
+    const name = button.dataset.needsSelection;
+    const count = document.querySelectorAll(`input[name="${name}"]:checked`).length;
+    button.disabled = count === 0;
+    if (!button.dataset.confirmTemplate) button.dataset.confirmTemplate = button.dataset.confirm;
+    button.dataset.confirm = button.dataset.confirmTemplate.replace("{count}", count);
+    button.textContent = count ? `${button.dataset.label || "Replay selected"} (${count})`
+                               : (button.dataset.label || "Replay selected");
+  }
+}
+document.addEventListener("change", syncSelectionButtons);
+document.addEventListener("DOMContentLoaded", syncSelectionButtons);
+document.addEventListener("htmx:afterSettle", syncSelectionButtons);
+
+// A request htmx sent failed (a server error, a lost connection): say so where messages
+// appear, instead of leaving the button as if nothing happened.
+function showError(text) {
+  const list = document.getElementById("messages");
+  if (!list) return;
+  const item = document.createElement("li");
+  item.className = "msg-error";
+  item.textContent = text;
+  list.replaceChildren(item);
+}
+document.addEventListener("htmx:responseError", (event) => {
+  const status = event.detail.xhr.status;
+  showError(status === 403 ? "Not allowed: your role cannot do this."
+    : `The server could not do this (HTTP ${status}). Nothing was shown as done; try again or reload the page.`);
+});
+document.addEventListener("htmx:sendError", () => {
+  showError("The server could not be reached. Check your connection and try again.");
+});

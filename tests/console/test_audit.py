@@ -86,7 +86,7 @@ def test_the_audit_lists_a_replay_and_a_dismissal_with_the_payout_before_and_aft
     # the dismissal changed no payout: "—"; the time is relative with the exact UTC on hover
     dismissal = page[page.index("<td >bob</td>"):page.index("<td >alice</td>")]
     assert "<td >—</td>" in dismissal
-    assert 'title="' in dismissal and ' UTC">just now</time>' in dismissal
+    assert ' UTC</time> <span class="rel">just now</span>' in dismissal and 'title="' in dismissal
     assert '<a id="audit-export" href="?_export=csv"' in page
 
 

@@ -63,7 +63,8 @@ def test_replay_without_javascript_redirects_with_a_message(demo):
     client = client_for("Support")
     response = client.post(reverse("event-replay", args=[event.pk]), follow=True)
     assert response.status_code == 200
-    assert b"evt_1DemoReplayMe01: applied" in response.content
+    assert b"evt_1DemoReplayMe01 replayed: applied, now processed" in response.content
+    assert b'class="msg-success"' in response.content
 
 
 def test_replay_needs_post_and_csrf(demo):
@@ -127,7 +128,7 @@ def test_bulk_replay_ignores_ids_that_are_not_events(demo):
     response = client_for("Support").post(reverse("event-bulk-replay"),
                                           {"event_ids": ["abc", "-1", "99999999"]}, follow=True)
     assert response.status_code == 200
-    assert b"Replayed 0 event(s): nothing selected" in response.content
+    assert b'class="msg-error">Nothing was replayed: no event was selected.' in response.content
 
 
 def test_support_dismisses_a_held_event_with_a_reason(demo):
