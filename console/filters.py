@@ -5,9 +5,10 @@ from typing import Any
 import django_filters
 from django import forms
 from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from payouts import selectors
-from payouts.models import Payout, Seller, TransactionLog, WebhookEvent
+from payouts.models import AuditEntry, Payout, Seller, TransactionLog, WebhookEvent
 
 DATE = forms.DateInput(attrs={"type": "date"})
 
@@ -60,14 +61,20 @@ class EventFilter(django_filters.FilterSet):
                                                label="Received from", widget=DATE)
     received_before = django_filters.DateFilter(field_name="received_at",
                                                 lookup_expr="date__lte", label="to", widget=DATE)
+    queue = django_filters.ChoiceFilter(method="in_queue", label="Queue", empty_label="any",
+                                        choices=[("due", "due now")])
 
     class Meta:
         model = WebhookEvent
-        fields = ["q", "status", "type", "received_after", "received_before"]
+        fields = ["q", "status", "type", "received_after", "received_before", "queue"]
 
     def __init__(self, *args: Any, types: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.filters["type"].extra["choices"] = [(t, t) for t in types]
+
+    def in_queue(self, queryset: QuerySet[WebhookEvent], name: str,
+                 value: str) -> QuerySet[WebhookEvent]:
+        return selectors.events_due(timezone.now(), queryset)  # Health's backlog links here
 
     def search(self, queryset: QuerySet[WebhookEvent], name: str,
                value: str) -> QuerySet[WebhookEvent]:
@@ -103,3 +110,23 @@ class TransactionLogFilter(django_filters.FilterSet):
     def __init__(self, *args: Any, operations: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.filters["operation"].extra["choices"] = [(op, op) for op in operations]
+
+
+class AuditFilter(django_filters.FilterSet):
+    user = django_filters.ChoiceFilter(field_name="actor_name", label="User", choices=[],
+                                       empty_label="anyone")
+    action = django_filters.ChoiceFilter(choices=AuditEntry.Action.choices,
+                                         empty_label="any action")
+    after = django_filters.DateFilter(field_name="at", lookup_expr="date__gte", label="From",
+                                      widget=DATE)
+    before = django_filters.DateFilter(field_name="at", lookup_expr="date__lte", label="to",
+                                       widget=DATE)
+
+    class Meta:
+        model = AuditEntry
+        fields = ["user", "action", "after", "before"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.filters["user"].extra["choices"] = [
+            (name, name) for name in selectors.audit_actor_names()]

@@ -111,6 +111,10 @@ WEBHOOK_LEASE_SECONDS = float(os.environ.get("WEBHOOK_LEASE_SECONDS", "60"))
 # Refused deliveries are counted in memory and added to their table this often, per
 # process (0: one write per refusal). payouts/services/inbox.py, RejectionCounter.
 WEBHOOK_REJECTION_FLUSH_SECONDS = float(os.environ.get("WEBHOOK_REJECTION_FLUSH_SECONDS", "5"))
+# Health's verdict (console/verdict.py): degraded when the oldest due event has waited
+# longer than this; needs attention when processing p99 over 24 h is above this.
+HEALTH_OLDEST_DUE_SECONDS = float(os.environ.get("HEALTH_OLDEST_DUE_SECONDS", "300"))
+HEALTH_P99_SECONDS = float(os.environ.get("HEALTH_P99_SECONDS", "1"))
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -20,6 +20,7 @@ urlpatterns = [
     path("transactions/", views.transaction_logs, name="transaction-logs"),
     path("reconciliation/", views.reconciliation_page, name="reconciliation"),
     path("health/", views.health, name="health"),
+    path("audit/", views.audit_page, name="audit"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -18,14 +18,16 @@ from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, HttpRe
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.safestring import SafeString
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 from django_tables2 import RequestConfig
+from django_tables2.export import ExportMixin, TableExport
 
-from console import charts, reconciliation
-from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
+from console import charts, reconciliation, verdict
+from console.filters import AuditFilter, EventFilter, PayoutFilter, TransactionLogFilter
 from console.inputs import configure_table, safe_next
-from console.tables import EventTable, PayoutTable, TransactionLogTable
+from console.tables import AuditTable, EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
 from payouts.models import JobRun, Payout, Seller, TransactionLog, WebhookEvent
 from payouts.services import audit, inbox, jobs, seller_payouts
@@ -324,6 +326,29 @@ def transaction_logs(request: HtmxHttpRequest) -> HttpResponse:
     })
 
 
+# --- the audit trail -----------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_auditentry", raise_exception=True)
+def audit_page(request: HtmxHttpRequest) -> HttpResponse:
+    """What people did, filtered; ``?_export=csv`` gives every filtered row as CSV."""
+    filters = AuditFilter(request.GET, queryset=selectors.audit_entries())
+    table = AuditTable(filters.qs)
+    if request.GET.get(ExportMixin.export_trigger_param) == "csv":
+        RequestConfig(request, paginate=False).configure(table)  # the page's order, all rows
+        log.info("console.audit_exported", user=request.user.get_username(),
+                 rows=len(table.rows))
+        return TableExport("csv", table).response(f"audit-{timezone.now():%Y%m%d-%H%M%S}.csv")
+    configure_table(request, table)
+    export = request.GET.copy()
+    export.pop(table.prefixed_page_field, None)
+    export[ExportMixin.export_trigger_param] = "csv"
+    return _page(request, "console/audit.html", {
+        "filter": filters, "table": table, "export_query": export.urlencode()})
+
+
 # --- reconciliation with Stripe ------------------------------------------------------------
 
 
@@ -346,31 +371,36 @@ def reconciliation_page(request: HttpRequest) -> HttpResponse:
 @login_required
 @permission_required("payouts.view_health", raise_exception=True)
 def health(request: HtmxHttpRequest) -> HttpResponse:
+    """Every live figure is read at ``now`` (shown as the page's "as of"); the whole-ledger
+    totals come from a summary computed at most once a minute and show their own time."""
     now = timezone.now()
-    day, month = now - timedelta(hours=23), now - timedelta(days=30)
-    stuck_count, stuck = selectors.stuck_in_transit(limit=5)
-    hourly = selectors.retries_over_time(day)
+    figures = verdict.read_figures(now)
+    hourly = selectors.retries_over_time(now - timedelta(hours=23))
     summary = selectors.ledger_summary()
+
+    def chart(key: str, unit: str, empty: str) -> SafeString:
+        return charts.hourly_chart([(p["at"], p[key]) for p in hourly], unit=unit, empty=empty)
+
     return _page(request, "console/health.html", {
+        "verdict": verdict.evaluate(figures),
         "by_status": summary.by_status,
         "summary_at": summary.computed_at,
-        "failure_codes": selectors.failure_codes(month),
+        "failure_codes": selectors.failure_codes(now - timedelta(days=30)),
         "seller_failures": summary.seller_failures,
-        "stuck_count": stuck_count,
-        "stuck": stuck,
-        "backlog": selectors.event_backlog(),
-        "to_review": selectors.payouts_to_review().count(),
+        "stuck_count": figures.stuck_count,
+        "stuck": figures.stuck,
+        "backlog": figures.backlog,
+        "to_review": figures.to_review,
+        "latency": figures.latency,
         "sync_jobs": reconciliation.last_run_of_each_job(),
         "stripe_configured": bool(settings.STRIPE_API_KEY),
         "rejections": selectors.rejections(),
-        "latency": selectors.processing_latency(day),
-        "retries_chart": charts.bar_chart(
-            [(f"{p['at']:%H:00}", p["retries"]) for p in hourly], label="retries per hour"),
-        "deadlocks_chart": charts.bar_chart(
-            [(f"{p['at']:%H:00}", p["deadlocks"]) for p in hourly], label="deadlocks per hour"),
-        "transactions_chart": charts.bar_chart(
-            [(f"{p['at']:%H:00}", p["transactions"]) for p in hourly],
-            label="transactions per hour"),
+        "transactions_chart": chart("transactions", "transactions per hour",
+                                    "No transactions in the last 24 hours."),
+        "retries_chart": chart("retries", "retries per hour",
+                               "No retries in the last 24 hours: every transaction committed "
+                               "on its first attempt."),
+        "deadlocks_chart": chart("deadlocks", "deadlocks per hour",
+                                 "No deadlocks in the last 24 hours."),
         "generated_at": now,
     }, partial="health-panels")
-

@@ -26,6 +26,7 @@ from django.db.models import (
 from django.utils import timezone
 
 from payouts.models import (
+    AuditEntry,
     Payout,
     PayoutItem,
     Seller,
@@ -155,6 +156,20 @@ def payouts_to_review() -> QuerySet[Payout]:
             .order_by("review_requested_at"))
 
 
+# --- the audit trail -------------------------------------------------------------------
+
+
+def audit_entries() -> QuerySet[AuditEntry]:
+    """Newest first; the payout's id for the link beside an event's."""
+    return AuditEntry.objects.select_related("payout").order_by("-at", "-id")
+
+
+def audit_actor_names() -> list[str]:
+    """Everyone who appears in the audit trail (kept by name if their user is deleted)."""
+    return list(AuditEntry.objects.order_by("actor_name")
+                .values_list("actor_name", flat=True).distinct())
+
+
 # --- transaction logs ----------------------------------------------------------------
 
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7),
@@ -273,17 +288,18 @@ def seller_failure_rates(since: datetime, limit: int = 10) -> list[dict[str, Any
     return [{**row, "rate": row["failed"] / row["total"]} for row in rows]
 
 
-def stuck() -> Q:
-    """In transit past their arrival date: Stripe has not said paid or failed."""
-    return Q(status=Payout.Status.IN_TRANSIT, arrival_date__lt=timezone.now())
+def stuck(now: datetime | None = None) -> Q:
+    """In transit past their arrival date: Stripe has not said paid or failed. ``now``:
+    Health reads every figure at one moment."""
+    return Q(status=Payout.Status.IN_TRANSIT, arrival_date__lt=now or timezone.now())
 
 
-def payouts_stuck() -> QuerySet[Payout]:
-    return Payout.objects.filter(stuck())
+def payouts_stuck(now: datetime | None = None) -> QuerySet[Payout]:
+    return Payout.objects.filter(stuck(now))
 
 
-def stuck_in_transit(limit: int = 20) -> tuple[int, list[Payout]]:
-    stuck = payouts_stuck()
+def stuck_in_transit(limit: int = 20, now: datetime | None = None) -> tuple[int, list[Payout]]:
+    stuck = payouts_stuck(now)
     return stuck.count(), list(stuck.select_related("seller").order_by("arrival_date")[:limit])
 
 
@@ -331,10 +347,17 @@ class Backlog:
     held: int  # disagree with our ledger: a person decides
 
 
-def event_backlog() -> Backlog:
-    now = timezone.now()
+def events_due(now: datetime, events: QuerySet[WebhookEvent] | None = None,
+               ) -> QuerySet[WebhookEvent]:
+    """Waiting for (re)processing and due: Health's backlog and the events filter alike."""
+    events = WebhookEvent.objects.all() if events is None else events
+    return events.filter(status__in=WebhookEvent.PENDING, next_attempt_at__lte=now)
+
+
+def event_backlog(now: datetime | None = None) -> Backlog:
+    now = now or timezone.now()
     pending = WebhookEvent.objects.filter(status__in=WebhookEvent.PENDING)
-    due = pending.filter(next_attempt_at__lte=now)
+    due = events_due(now)
     oldest = due.order_by("received_at").values_list("received_at", flat=True).first()
     return Backlog(
         pending=pending.count(), due=due.count(),

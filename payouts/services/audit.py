@@ -25,6 +25,27 @@ def payout_state(payout: Payout | None) -> dict[str, Any]:
     return state
 
 
+def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The payout's state before → after, for people: "in_transit → failed, failure code
+    account_closed"; "" when nothing changed or there is no payout."""
+    if before == after or not after:
+        return ""
+    status = after["status"]
+    if before.get("status") != status:
+        status = f"{before.get('status', '—')} → {status}"
+    marks = [status]
+    if after.get("failure_code"):
+        marks.append(f"failure code {after['failure_code']}")
+    if after.get("reversed_by"):
+        marks.append(f"reversed by {after['reversed_by']}")
+    if after.get("review"):
+        marks.append(f"to review: {after['review']}")
+    for key, cleared in (("review", "review cleared"), ("failure_code", "failure code cleared")):
+        if before.get(key) and not after.get(key):
+            marks.append(cleared)
+    return ", ".join(marks)
+
+
 def payout_of(event: WebhookEvent) -> Payout | None:
     if not event.stripe_object_id:
         return None

@@ -295,15 +295,17 @@ def test_health_panels_and_transaction_stats_render(demo, page):
                            ("latency", "Processing latency")]:
         expect(page.locator(f"#panel-{panel} h2")).to_contain_text(heading)
     backlog = selectors.event_backlog()
-    expect(page.locator("#panel-backlog")).to_contain_text(f"{backlog.dead} dead")
+    expect(page.locator("#panel-dead")).to_contain_text(f"{backlog.dead} dead")
     stuck_count, _ = selectors.stuck_in_transit()
     expect(page.locator("#panel-stuck .big")).to_have_text(str(stuck_count))
     expect(page.locator("#panel-status tbody tr")).to_have_count(
         len(selectors.payouts_by_status()))
-    for chart in ("transactions", "retries", "deadlocks"):
-        svg = page.locator(f"#panel-{chart} svg.chart")
-        expect(svg).to_be_visible()
-        expect(svg.locator("rect")).not_to_have_count(0)
+    svg = page.locator("#panel-transactions svg.chart-plot")
+    expect(svg).to_be_visible()
+    expect(svg.locator("rect")).not_to_have_count(0)
+    for chart in ("retries", "deadlocks"):  # bars, or a sentence when there were none
+        expect(page.locator(f"#panel-{chart}").locator("svg.chart-plot, .chart-empty")
+               ).to_be_visible()
 
     page.locator("nav.main-nav").get_by_role("link", name="Transactions").click()
     expect(page.get_by_role("heading", name="Transaction logs")).to_be_visible()
