@@ -13,7 +13,13 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, HttpResponseRedirect
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseForbidden,
+    HttpResponseRedirect,
+    QueryDict,
+)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -26,14 +32,14 @@ from console.filters import EventFilter, PayoutFilter, TransactionLogFilter
 from console.inputs import configure_table, safe_next
 from console.tables import EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
-from payouts.models import JobRun, Payout, TransactionLog, WebhookEvent
-from payouts.services import audit, inbox, jobs, seller_payouts
+from payouts.models import BulkReplay, JobRun, Payout, TransactionLog, WebhookEvent
+from payouts.services import audit, bulk_replay, inbox, jobs, preview, seller_payouts
 from payouts.services.processing import event_replay
 from payouts.stripe_api import StripeNotConfigured, stripe_client
 
 log = structlog.get_logger(__name__)
 
-BULK_REPLAY_LIMIT = 500  # per request, so one click cannot hold a worker for minutes
+SELECTION_LIMIT = 500  # ticked boxes per bulk replay: a selection is a page or a few
 
 
 class HtmxHttpRequest(HttpRequest):
@@ -222,26 +228,157 @@ def event_dismiss_view(request: HttpRequest, pk: int) -> HttpResponse:
     return HttpResponseRedirect(reverse("event-detail", args=[pk]), status=303)
 
 
+def _refused(request: HttpRequest, message: str, status: int = 400) -> HttpResponse:
+    """A bad input's answer: its status code and a page saying why; nothing was written."""
+    log.info("console.refused", user=request.user.get_username(), path=request.path,
+             status=status, reason=message)
+    return render(request, "console/refused.html", {"message": message}, status=status)
+
+
+def _posted_ids(request: HttpRequest) -> list[int] | None:
+    """The ticked events, or None when a value is not an id."""
+    values = request.POST.getlist("event_ids")
+    if not all(v.isdigit() for v in values):
+        return None
+    return [int(v) for v in values]
+
+
 @require_POST
 @login_required
 @permission_required("payouts.replay_webhookevent", raise_exception=True)
-def event_bulk_replay(request: HtmxHttpRequest) -> HttpResponse:
-    if request.POST.get("all_failed"):
-        ids = list(WebhookEvent.objects.filter(status=WebhookEvent.Status.FAILED)
-                   .order_by("received_at").values_list("pk", flat=True)[:BULK_REPLAY_LIMIT])
+def event_preview_view(request: HtmxHttpRequest) -> HttpResponse:
+    """What replaying the posted events would do, worked out and rolled back. A POST
+    (it runs the processor and takes its locks), for the people who may replay."""
+    ids = _posted_ids(request)
+    if ids is None:
+        return _refused(request, "event_ids must be event numbers")
+    if not ids:
+        return _refused(request, "Select at least one event to preview.")
+    if len(ids) > preview.PREVIEW_LIMIT:
+        return _refused(request, f"At most {preview.PREVIEW_LIMIT} events can be previewed "
+                                 f"at once; {len(ids)} were selected.")
+    previews = preview.event_preview(ids)
+    if not previews:
+        return _refused(request, "None of these events exists.", status=404)
+    log.info("console.previewed", user=request.user.get_username(), events=len(previews))
+    return _page(request, "console/event_preview.html", {"previews": previews},
+                 partial="preview")
+
+
+def _event_filter_description(filters: EventFilter) -> str:
+    """The filter in words, e.g. "status failed, type payout.paid"; "all events"."""
+    parts = [f"{filters.filters[name].label or name} {value}".lower()
+             for name, value in filters.form.cleaned_data.items() if value not in (None, "")]
+    return ", ".join(parts) or "all events"
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def event_bulk_replay(request: HttpRequest) -> HttpResponse:
+    """Ask for a bulk replay, run by the workers: every event matching the events list's
+    filter (``query``, its query string), every failed event, or the ticked ones. The
+    events are decided now; the job's page shows its progress."""
+    scope = request.POST.get("scope", "")
+    if scope == "selected":
+        ids = _posted_ids(request)
+        if ids is None:
+            return _refused(request, "event_ids must be event numbers")
+        if len(ids) > SELECTION_LIMIT:
+            return _refused(request, f"At most {SELECTION_LIMIT} ticked events at once; use "
+                                     "Replay all matching for more.")
+        event_ids = list(WebhookEvent.objects.filter(pk__in=ids)
+                         .order_by("stripe_created", "pk").values_list("pk", flat=True))
+        params: dict[str, Any] = {}
+        description = f"{len(event_ids)} selected event{'s' if len(event_ids) != 1 else ''}"
+    elif scope in ("matching", "failed"):
+        query = QueryDict("status=failed" if scope == "failed" else request.POST.get("query", ""))
+        filters = EventFilter(query, queryset=selectors.event_list())
+        if not filters.is_valid():
+            errors = "; ".join(f"{field}: {' '.join(messages_)}"
+                               for field, messages_ in filters.errors.items())
+            return _refused(request, f"The filter is not valid ({errors}).")
+        params = {name: query.getlist(name) for name in filters.filters if name in query}
+        event_ids = list(filters.qs.order_by("stripe_created", "pk")
+                         .values_list("pk", flat=True))
+        description = _event_filter_description(filters)
     else:
-        asked = [int(v) for v in request.POST.getlist("event_ids") if v.isdigit()]
-        ids = list(WebhookEvent.objects.filter(pk__in=asked[:BULK_REPLAY_LIMIT])
-                   .order_by("received_at").values_list("pk", flat=True))
-    tally: dict[str, int] = {}
-    for event_id in ids:
-        outcome = event_replay(event_id=event_id, requested_by=request.user)  # type: ignore[arg-type]
-        tally[outcome.kind] = tally.get(outcome.kind, 0) + 1
-    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(tally.items())) or "nothing selected"
-    log.info("console.bulk_replay", user=request.user.get_username(), events=len(ids),
-             outcomes=tally)
-    messages.success(request, f"Replayed {len(ids)} event(s): {summary}")
-    return HttpResponseRedirect(safe_next(request, reverse("event-list")))
+        return _refused(request, "scope must be selected, matching or failed")
+    try:
+        job = bulk_replay.bulk_request(requested_by=request.user,  # type: ignore[arg-type]
+                                       event_ids=event_ids, filter_params=params,
+                                       description=description)
+    except bulk_replay.BulkReplayRefused as exc:
+        return _refused(request, str(exc), exc.status_code)
+    if job.status == BulkReplay.Status.AWAITING_APPROVAL:
+        messages.warning(request, f"{job.total} events: more than "
+                                  f"{settings.BULK_REPLAY_APPROVAL_THRESHOLD} on a live "
+                                  "deployment, so another Support person must approve it.")
+    else:
+        messages.success(request, f"Bulk replay of {job.total} events queued: the workers "
+                                  "replay them one by one.")
+    return HttpResponseRedirect(reverse("bulk-replay-detail", args=[job.pk]), status=303)
+
+
+# --- bulk replays -----------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_webhookevent", raise_exception=True)
+def bulk_replay_list(request: HttpRequest) -> HttpResponse:
+    return render(request, "console/bulk_replays.html", {
+        "jobs": selectors.bulk_replays_recent(),
+        "pending": selectors.pending_approvals(),
+    })
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_webhookevent", raise_exception=True)
+def bulk_replay_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The job and its progress; htmx polls the progress part while it runs."""
+    job = get_object_or_404(BulkReplay.objects.select_related("requested_by", "decided_by")
+                            .defer("event_ids"), pk=pk)
+    return _page(request, "console/bulk_replay.html", {
+        "job": job,
+        "may_decide": job.requested_by_id != request.user.pk,
+    }, partial="progress")
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def bulk_replay_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    try:
+        job = bulk_replay.bulk_cancel(pk, requested_by=request.user)  # type: ignore[arg-type]
+    except BulkReplay.DoesNotExist:
+        return _refused(request, f"There is no bulk replay {pk}.", status=404)
+    except bulk_replay.BulkReplayRefused as exc:
+        return _refused(request, str(exc), exc.status_code)
+    messages.success(request, f"{job}: canceled." if job.status == BulkReplay.Status.CANCELED
+                     else f"{job}: stopping after the events in hand.")
+    return HttpResponseRedirect(reverse("bulk-replay-detail", args=[pk]), status=303)
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def bulk_replay_decide(request: HttpRequest, pk: int) -> HttpResponse:
+    """Four eyes: approve or reject a large live bulk replay, with a reason."""
+    decision = request.POST.get("decision", "")
+    if decision not in ("approve", "reject"):
+        return _refused(request, "decision must be approve or reject")
+    try:
+        job = bulk_replay.bulk_decide(pk, decided_by=request.user,  # type: ignore[arg-type]
+                                      approve=decision == "approve",
+                                      reason=request.POST.get("reason", ""))
+    except BulkReplay.DoesNotExist:
+        return _refused(request, f"There is no bulk replay {pk}.", status=404)
+    except bulk_replay.BulkReplayRefused as exc:
+        return _refused(request, str(exc), exc.status_code)
+    messages.success(request, f"{job}: {'approved, queued' if decision == 'approve' else 'rejected'}.")
+    return HttpResponseRedirect(reverse("bulk-replay-detail", args=[pk]), status=303)
 
 
 # --- transaction logs -------------------------------------------------------------------------

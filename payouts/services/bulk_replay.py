@@ -205,7 +205,8 @@ def run(job_id: int, runner: str, *, stopping: Callable[[], bool] = lambda: Fals
     canceled = _save(job.pk, runner, done, counts)
     saved_at, saved_done = time.monotonic(), done
     while not canceled and done < job.total:
-        if stopping():
+        if stopping():  # save where it is, and let another worker resume at once
+            _save(job.pk, runner, done, counts)
             _execute(LET_GO_SQL, {"id": job.pk, "runner": runner})
             log.info("bulk_replay.let_go", job=job.pk, runner=runner, done=done)
             return job
