@@ -377,7 +377,8 @@ def bulk_replay_decide(request: HttpRequest, pk: int) -> HttpResponse:
         return _refused(request, f"There is no bulk replay {pk}.", status=404)
     except bulk_replay.BulkReplayRefused as exc:
         return _refused(request, str(exc), exc.status_code)
-    messages.success(request, f"{job}: {'approved, queued' if decision == 'approve' else 'rejected'}.")
+    verdict = "approved, queued" if decision == "approve" else "rejected"
+    messages.success(request, f"{job}: {verdict}.")
     return HttpResponseRedirect(reverse("bulk-replay-detail", args=[pk]), status=303)
 
 

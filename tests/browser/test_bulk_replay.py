@@ -1,5 +1,6 @@
-"""A bulk replay in a real browser: asked for from the events list, run by a worker
-process, its progress page polled to the end, with a screenshot."""
+"""A bulk replay in a real browser: a row previewed, then all matching events asked for
+from the events list, run by a worker process, its progress page polled to the end, with
+screenshots and no Content-Security-Policy refusal."""
 
 from __future__ import annotations
 
@@ -19,8 +20,16 @@ def test_support_replays_all_matching_events_and_watches_the_job_finish(demo, pa
                                                                       worker_env):
     matching = WebhookEvent.objects.filter(type="payout.paid").count()
     assert matching > 10
+    refused: list[str] = []  # what the Content-Security-Policy blocked, if anything
+    page.on("console", lambda msg: refused.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
     login(page, "support")
     page.goto("/events/?type=payout.paid")
+    # A row's Preview swaps what a replay would do into the panel, changing nothing.
+    page.locator("#events-table tbody tr").first.get_by_role("button", name="Preview").click()
+    expect(page.locator("#preview-panel #preview-table tbody tr")).to_have_count(1)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "bulk-replay-preview.png", full_page=False)
     button = page.get_by_role("button", name=f"Replay all matching ({matching})")
     questions: list[str] = []
 
@@ -51,8 +60,8 @@ def test_support_replays_all_matching_events_and_watches_the_job_finish(demo, pa
     job.refresh_from_db()
     assert (job.status, job.done, job.total) == ("done", matching, matching)
     assert sum(job.counts.values()) == matching
+    assert refused == []
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     target = SCREENSHOTS / "bulk-replay-done.png"
     target.unlink(missing_ok=True)
     page.screenshot(path=target, full_page=True)

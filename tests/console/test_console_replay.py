@@ -102,7 +102,8 @@ def test_bulk_replay_of_selected_events(demo):
         "scope": "selected", "event_ids": [str(pk) for pk in chosen]})
     assert response.status_code == 303
     job = bulk_replay.run_next("test-worker")
-    assert (job.description, job.done, job.skipped) == ("3 selected events", 3, 3)  # applied already
+    # Applied already: skipped.
+    assert (job.description, job.done, job.skipped) == ("3 selected events", 3, 3)
 
 
 def test_admin_replay_action_respects_the_permission(demo):
