@@ -172,3 +172,21 @@ def test_cancel_from_the_console(demo):
     again = support.post(cancel)
     assert again.status_code == 409 and "already canceled" in again.content.decode()
     assert support.post(reverse("bulk-replay-cancel", args=[99999])).status_code == 404
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", "50"), ("0", "0"), ("200", "200")])
+def test_the_approval_threshold_comes_from_the_environment(value, expected):
+    from tests.console.test_settings import settings_in_subprocess
+
+    result = settings_in_subprocess("print(settings.BULK_REPLAY_APPROVAL_THRESHOLD)",
+                                    BULK_REPLAY_APPROVAL_THRESHOLD=value)
+    assert result.stdout.strip() == expected, result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "fifty", "1.5"])
+def test_an_approval_threshold_that_is_not_a_whole_number_is_refused(value):
+    from tests.console.test_settings import settings_in_subprocess
+
+    result = settings_in_subprocess("pass", BULK_REPLAY_APPROVAL_THRESHOLD=value)
+    assert result.returncode != 0
+    assert "BULK_REPLAY_APPROVAL_THRESHOLD must be a whole number" in result.stderr
