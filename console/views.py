@@ -267,7 +267,7 @@ def event_preview_view(request: HtmxHttpRequest) -> HttpResponse:
 
 def _event_filter_description(filters: EventFilter) -> str:
     """The filter in words, e.g. "status failed, type payout.paid"; "all events"."""
-    parts = [f"{filters.filters[name].label or name} {value}".lower()
+    parts = [f"{(filters.filters[name].label or name).lower()} {value}"
              for name, value in filters.form.cleaned_data.items() if value not in (None, "")]
     return ", ".join(parts) or "all events"
 
