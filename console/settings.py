@@ -93,6 +93,12 @@ if STRIPE_LIVEMODE and DEV_WEBHOOK_SECRET in STRIPE_WEBHOOK_SECRETS:
     raise ImproperlyConfigured(
         "STRIPE_LIVEMODE is on, but the webhook secret is the public development secret "
         "(DJANGO_DEBUG's default): set STRIPE_WEBHOOK_SECRET to the endpoint's signing secret")
+# A live bulk replay of more events than this waits for a second Support person's approval.
+_threshold = os.environ.get("BULK_REPLAY_APPROVAL_THRESHOLD", "").strip() or "50"
+if not _threshold.isdigit():
+    raise ImproperlyConfigured("BULK_REPLAY_APPROVAL_THRESHOLD must be a whole number of "
+                               f"events (0 or more), not {_threshold!r}")
+BULK_REPLAY_APPROVAL_THRESHOLD = int(_threshold)
 
 # inline: process right after the event is stored, in the request; deferred:
 # only store, and leave processing to `manage.py process_webhooks`.

@@ -14,7 +14,13 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, HttpResponseRedirect
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseForbidden,
+    HttpResponseRedirect,
+    QueryDict,
+)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -29,20 +35,19 @@ from console.filters import AuditFilter, EventFilter, PayoutFilter, TransactionL
 from console.inputs import configure_table, safe_next
 from console.tables import AuditTable, EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
-from payouts.models import JobRun, Payout, Seller, TransactionLog, WebhookEvent
-from payouts.services import audit, inbox, jobs, seller_payouts
+from payouts.models import BulkReplay, JobRun, Payout, Seller, TransactionLog, WebhookEvent
+from payouts.services import audit, bulk_replay, inbox, jobs, preview, seller_payouts
 from payouts.services.processing import event_replay
 from payouts.stripe_api import StripeNotConfigured, stripe_client
 
 log = structlog.get_logger(__name__)
 
-BULK_REPLAY_LIMIT = 500  # per request, so one click cannot hold a worker for minutes
+SELECTION_LIMIT = 500  # ticked boxes per bulk replay: a selection is a page or a few
 
 # How a replay's outcome is shown: green only when it did what was asked, or there was
 # nothing to do; amber when it waits (retry) or for a person (held); red when it failed.
 OUTCOME_LEVEL = {"applied": "success", "skipped": "info", "ignored": "info", "retry": "warning",
                  "held": "warning", "failed": "error"}
-LEVELS = ["success", "info", "warning", "error"]
 MESSAGE_LEVEL = {"success": messages.SUCCESS, "info": messages.INFO,
                  "warning": messages.WARNING, "error": messages.ERROR}
 
@@ -275,32 +280,159 @@ def event_dismiss_view(request: HttpRequest, pk: int) -> HttpResponse:
     return HttpResponseRedirect(reverse("event-detail", args=[pk]), status=303)
 
 
+def _refused(request: HttpRequest, message: str, status: int = 400) -> HttpResponse:
+    """A bad input's answer: its status code and a page saying why; nothing was written."""
+    log.info("console.refused", user=request.user.get_username(), path=request.path,
+             status=status, reason=message)
+    return render(request, "console/refused.html", {"message": message}, status=status)
+
+
+def _posted_ids(request: HttpRequest) -> list[int] | None:
+    """The ticked events, or None when a value is not an id."""
+    values = request.POST.getlist("event_ids")
+    if not all(v.isdigit() for v in values):
+        return None
+    return [int(v) for v in values]
+
+
 @require_POST
 @login_required
 @permission_required("payouts.replay_webhookevent", raise_exception=True)
-def event_bulk_replay(request: HtmxHttpRequest) -> HttpResponse:
-    if request.POST.get("all_failed"):
-        ids = list(WebhookEvent.objects.filter(status=WebhookEvent.Status.FAILED)
-                   .order_by("received_at").values_list("pk", flat=True)[:BULK_REPLAY_LIMIT])
-    else:
-        asked = [int(v) for v in request.POST.getlist("event_ids") if v.isdigit()]
-        ids = list(WebhookEvent.objects.filter(pk__in=asked[:BULK_REPLAY_LIMIT])
-                   .order_by("received_at").values_list("pk", flat=True))
-    back = HttpResponseRedirect(safe_next(request, reverse("event-list")))
+def event_preview_view(request: HtmxHttpRequest) -> HttpResponse:
+    """What replaying the posted events would do, worked out and rolled back. A POST
+    (it runs the processor and takes its locks), for the people who may replay."""
+    ids = _posted_ids(request)
+    if ids is None:
+        return _refused(request, "event_ids must be event numbers")
     if not ids:
-        messages.error(request, "Nothing was replayed: no event was selected.")
-        return back
-    tally: dict[str, int] = {}
-    for event_id in ids:
-        outcome = event_replay(event_id=event_id, requested_by=request.user)  # type: ignore[arg-type]
-        tally[outcome.kind] = tally.get(outcome.kind, 0) + 1
-    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(tally.items()))
-    log.info("console.bulk_replay", user=request.user.get_username(), events=len(ids),
-             outcomes=tally)
-    # Coloured by the worst outcome: green only when nothing is left to look at.
-    worst = max((OUTCOME_LEVEL.get(kind, "warning") for kind in tally), key=LEVELS.index)
-    messages.add_message(request, MESSAGE_LEVEL[worst], f"Replayed {len(ids)} event(s): {summary}")
-    return back
+        return _refused(request, "Select at least one event to preview.")
+    if len(ids) > preview.PREVIEW_LIMIT:
+        return _refused(request, f"At most {preview.PREVIEW_LIMIT} events can be previewed "
+                                 f"at once; {len(ids)} were selected.")
+    previews = preview.event_preview(ids)
+    if not previews:
+        return _refused(request, "None of these events exists.", status=404)
+    log.info("console.previewed", user=request.user.get_username(), events=len(previews))
+    return _page(request, "console/event_preview.html", {"previews": previews},
+                 partial="preview")
+
+
+def _event_filter_description(filters: EventFilter) -> str:
+    """The filter in words, e.g. "status failed, type payout.paid"; "all events"."""
+    parts = [f"{(filters.filters[name].label or name).lower()} {value}"
+             for name, value in filters.form.cleaned_data.items() if value not in (None, "")]
+    return ", ".join(parts) or "all events"
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def event_bulk_replay(request: HttpRequest) -> HttpResponse:
+    """Ask for a bulk replay, run by the workers: every event matching the events list's
+    filter (``query``, its query string), every failed event, or the ticked ones. The
+    events are decided now; the job's page shows its progress."""
+    scope = request.POST.get("scope", "")
+    if scope == "selected":
+        ids = _posted_ids(request)
+        if ids is None:
+            return _refused(request, "event_ids must be event numbers")
+        if len(ids) > SELECTION_LIMIT:
+            return _refused(request, f"At most {SELECTION_LIMIT} ticked events at once; use "
+                                     "Replay all matching for more.")
+        event_ids = list(WebhookEvent.objects.filter(pk__in=ids)
+                         .order_by("stripe_created", "pk").values_list("pk", flat=True))
+        params: dict[str, Any] = {}
+        description = f"{len(event_ids)} selected event{'s' if len(event_ids) != 1 else ''}"
+    elif scope in ("matching", "failed"):
+        query = QueryDict("status=failed" if scope == "failed" else request.POST.get("query", ""))
+        filters = EventFilter(query, queryset=selectors.event_list(),
+                              types=selectors.event_types())
+        if not filters.is_valid():
+            errors = "; ".join(f"{field}: {' '.join(messages_)}"
+                               for field, messages_ in filters.errors.items())
+            return _refused(request, f"The filter is not valid ({errors}).")
+        params = {name: query.getlist(name) for name in filters.filters if name in query}
+        event_ids = list(filters.qs.order_by("stripe_created", "pk")
+                         .values_list("pk", flat=True))
+        description = _event_filter_description(filters)
+    else:
+        return _refused(request, "scope must be selected, matching or failed")
+    try:
+        job = bulk_replay.bulk_request(requested_by=request.user,  # type: ignore[arg-type]
+                                       event_ids=event_ids, filter_params=params,
+                                       description=description)
+    except bulk_replay.BulkReplayRefused as exc:
+        return _refused(request, str(exc), exc.status_code)
+    if job.status == BulkReplay.Status.AWAITING_APPROVAL:
+        messages.warning(request, f"{job.total} events: more than "
+                                  f"{settings.BULK_REPLAY_APPROVAL_THRESHOLD} on a live "
+                                  "deployment, so another Support person must approve it.")
+    else:
+        messages.success(request, f"Bulk replay of {job.total} events queued: the workers "
+                                  "replay them one by one.")
+    return HttpResponseRedirect(reverse("bulk-replay-detail", args=[job.pk]), status=303)
+
+
+# --- bulk replays -----------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_webhookevent", raise_exception=True)
+def bulk_replay_list(request: HttpRequest) -> HttpResponse:
+    return render(request, "console/bulk_replays.html", {
+        "jobs": selectors.bulk_replays_recent(),
+        "pending": selectors.pending_approvals(),
+    })
+
+
+@require_GET
+@login_required
+@permission_required("payouts.view_webhookevent", raise_exception=True)
+def bulk_replay_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The job and its progress; htmx polls the progress part while it runs."""
+    job = get_object_or_404(BulkReplay.objects.select_related("requested_by", "decided_by")
+                            .defer("event_ids"), pk=pk)
+    return _page(request, "console/bulk_replay.html", {
+        "job": job,
+        "may_decide": job.requested_by_id != request.user.pk,
+    }, partial="progress")
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def bulk_replay_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    try:
+        job = bulk_replay.bulk_cancel(pk, requested_by=request.user)  # type: ignore[arg-type]
+    except BulkReplay.DoesNotExist:
+        return _refused(request, f"There is no bulk replay {pk}.", status=404)
+    except bulk_replay.BulkReplayRefused as exc:
+        return _refused(request, str(exc), exc.status_code)
+    messages.success(request, f"{job}: canceled." if job.status == BulkReplay.Status.CANCELED
+                     else f"{job}: stopping after the events in hand.")
+    return HttpResponseRedirect(reverse("bulk-replay-detail", args=[pk]), status=303)
+
+
+@require_POST
+@login_required
+@permission_required("payouts.replay_webhookevent", raise_exception=True)
+def bulk_replay_decide(request: HttpRequest, pk: int) -> HttpResponse:
+    """Four eyes: approve or reject a large live bulk replay, with a reason."""
+    decision = request.POST.get("decision", "")
+    if decision not in ("approve", "reject"):
+        return _refused(request, "decision must be approve or reject")
+    try:
+        job = bulk_replay.bulk_decide(pk, decided_by=request.user,  # type: ignore[arg-type]
+                                      approve=decision == "approve",
+                                      reason=request.POST.get("reason", ""))
+    except BulkReplay.DoesNotExist:
+        return _refused(request, f"There is no bulk replay {pk}.", status=404)
+    except bulk_replay.BulkReplayRefused as exc:
+        return _refused(request, str(exc), exc.status_code)
+    verdict = "approved, queued" if decision == "approve" else "rejected"
+    messages.success(request, f"{job}: {verdict}.")
+    return HttpResponseRedirect(reverse("bulk-replay-detail", args=[pk]), status=303)
 
 
 # --- transaction logs -------------------------------------------------------------------------

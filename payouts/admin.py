@@ -16,6 +16,7 @@ from django.utils.html import format_html
 from payouts import selectors
 from payouts.models import (
     AuditEntry,
+    BulkReplay,
     JobRun,
     PaymentTransaction,
     PaymentTransfer,
@@ -179,3 +180,11 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     list_display = ["at", "actor_name", "action", "target", "outcome"]
     list_filter = ["action"]
     search_fields = ["target", "actor_name"]
+
+
+@admin.register(BulkReplay)
+class BulkReplayAdmin(ReadOnlyAdmin):
+    list_display = ["id", "requested_at", "requested_by", "description", "status", "done",
+                    "total", "decided_by"]
+    list_filter = ["status"]
+    list_select_related = ["requested_by", "decided_by"]

@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from payouts.models import (
     AuditEntry,
+    BulkReplay,
     Payout,
     PayoutItem,
     Seller,
@@ -412,3 +413,18 @@ def retries_over_time(since: datetime) -> list[dict[str, Any]]:
         )
         return [{"at": at, "transactions": n, "retries": int(r), "deadlocks": int(d)}
                 for at, n, r, d in cursor.fetchall()]
+
+
+# --- bulk replays ------------------------------------------------------------------------
+
+
+def pending_approvals() -> QuerySet[BulkReplay]:
+    """Bulk replays waiting for a second Support person's approval, oldest first."""
+    return (BulkReplay.objects.filter(status=BulkReplay.Status.AWAITING_APPROVAL)
+            .select_related("requested_by").defer("event_ids").order_by("requested_at", "id"))
+
+
+def bulk_replays_recent(limit: int = 20) -> QuerySet[BulkReplay]:
+    """The latest bulk replays, newest first (without their long list of events)."""
+    return (BulkReplay.objects.select_related("requested_by", "decided_by")
+            .defer("event_ids").order_by("-requested_at", "-id")[:limit])

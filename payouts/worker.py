@@ -10,7 +10,9 @@ still busy costs a second attempt, never a second effect.
 
 With ``STRIPE_API_KEY`` set, a worker also runs the scheduled jobs (sync_events,
 reconcile_payouts --apply) when they are due and it gets their lease
-(``payouts.services.jobs``), in a thread beside the event loop.
+(``payouts.services.jobs``), in a thread beside the event loop. Bulk replays asked for
+in the console run the same way, one at a time per worker, in a thread of their own
+(``payouts.services.bulk_replay``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import structlog
 from django.db import close_old_connections, connection
 
 from payouts.models import WebhookEventAttempt
-from payouts.services import inbox, jobs
+from payouts.services import bulk_replay, inbox, jobs
 from payouts.services.processing import event_process
 
 log = structlog.get_logger(__name__)
 
 JOB_STOP_WAIT_S = 60.0  # on stop, how long to wait for a running job to notice
+BULK_CHECK_S = 1.0  # how often an idle worker looks for a queued bulk replay
 
 
 class Worker:
@@ -39,6 +42,8 @@ class Worker:
         self._stopping = False
         self._job: threading.Thread | None = None
         self._schedule_checked = 0.0
+        self._bulk: threading.Thread | None = None
+        self._bulk_checked = 0.0
 
     def stop(self) -> None:
         """Finish the event in hand, then leave (called from a signal handler)."""
@@ -64,6 +69,7 @@ class Worker:
                 if once:
                     raise
             self.run_due_job(wait=once)
+            self.run_bulk_replay(wait=once)
             for event_id in claimed:
                 if self._stopping:
                     break  # its lease runs out and another worker takes it
@@ -77,8 +83,9 @@ class Worker:
                 if once:
                     break
                 time.sleep(self.idle_sleep_s)
-        if self._job is not None:
-            self._job.join(JOB_STOP_WAIT_S)
+        for thread in (self._job, self._bulk):
+            if thread is not None:
+                thread.join(JOB_STOP_WAIT_S)
         log.info("worker.stopped", worker=self.name, handled=handled)
         return handled
 
@@ -102,6 +109,40 @@ class Worker:
         self._job.start()
         if wait:
             self._job.join()
+
+    def run_bulk_replay(self, *, wait: bool = False) -> None:
+        """Claim a queued bulk replay (or one whose worker died) if this worker runs none,
+        and run it in a thread; ``wait`` runs every waiting one to the end first
+        (``--once``)."""
+        now = time.monotonic()
+        if (self._bulk is not None and self._bulk.is_alive()) or (
+                not wait and now - self._bulk_checked < BULK_CHECK_S):
+            return
+        self._bulk_checked = now
+        while not self._stopping:
+            runner = bulk_replay.runner_name(self.name)
+            try:
+                job_id = bulk_replay.claim(runner)  # one cheap query: on this connection
+            except Exception:
+                log.exception("worker.bulk_claim_failed", worker=self.name)
+                return
+            if job_id is None:
+                return
+            if not wait:
+                self._bulk = threading.Thread(target=self._run_bulk, args=(job_id, runner),
+                                              daemon=True, name=f"bulk-replay-{job_id}")
+                self._bulk.start()
+                return
+            self._run_bulk(job_id, runner, own_thread=False)
+
+    def _run_bulk(self, job_id: int, runner: str, *, own_thread: bool = True) -> None:
+        try:
+            bulk_replay.run(job_id, runner, stopping=lambda: self._stopping)
+        except Exception:  # its lease runs out and a worker resumes it
+            log.exception("worker.bulk_replay_crashed", worker=self.name, job=job_id)
+        finally:
+            if own_thread:
+                connection.close()  # this thread's own connection
 
     def _run_job(self, job: jobs.Scheduled) -> None:
         try:

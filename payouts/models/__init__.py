@@ -1,4 +1,5 @@
 from payouts.models.audit import AuditEntry
+from payouts.models.bulk import BulkReplay
 from payouts.models.jobs import JobRun, ScheduledJob
 from payouts.models.ledger import PaymentTransaction, PaymentTransfer, Payout, PayoutItem, Seller
 from payouts.models.txlog import TransactionLog
@@ -6,6 +7,7 @@ from payouts.models.webhooks import WebhookEvent, WebhookEventAttempt, WebhookRe
 
 __all__ = [
     "AuditEntry",
+    "BulkReplay",
     "JobRun",
     "PaymentTransaction",
     "PaymentTransfer",

@@ -183,14 +183,14 @@ def _from_unix(value: Any) -> datetime | None:
     return datetime.fromtimestamp(value, tz=UTC) if isinstance(value, int) else None
 
 
-def _stripe_id(value: Any) -> str:
+def stripe_id_of(value: Any) -> str:
     """An expandable Stripe field: the id as a string, or the object carrying it."""
     if isinstance(value, dict):
         value = value.get("id")
     return value if isinstance(value, str) else ""
 
 
-def _reference(payout_object: dict[str, Any]) -> str:
+def reference_of(payout_object: dict[str, Any]) -> str:
     metadata = payout_object.get("metadata")
     reference = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     return reference if isinstance(reference, str) else ""
@@ -218,7 +218,7 @@ def apply_event(event: EventFacts, payout_object: dict[str, Any], *,
     payout = _lock("stripe_payout_id", stripe_payout_id, nowait=nowait)
     if payout is None:
         # A reversal is never one of ours, whatever its metadata says.
-        reference = "" if payout_object.get("original_payout") else _reference(payout_object)
+        reference = "" if payout_object.get("original_payout") else reference_of(payout_object)
         payout = _lock("reference", reference, nowait=nowait) if reference else None
         if payout is None:
             return _payout_create(event, payout_object, nowait=nowait)
@@ -267,7 +267,7 @@ def apply_event(event: EventFacts, payout_object: dict[str, Any], *,
             # an open set of codes: any string is kept
             "failure_code": str(payout_object.get("failure_code") or "")[:64],
             "failure_message": str(payout_object.get("failure_message") or ""),
-            "reversed_by": _stripe_id(payout_object.get("reversed_by"))[:64],
+            "reversed_by": stripe_id_of(payout_object.get("reversed_by"))[:64],
             "event_id": event.stripe_event_id, "event_type": event.type,
             "event_created": event.stripe_created, **_move_params(move),
         })
@@ -317,7 +317,7 @@ def _payout_create(event: EventFacts, payout_object: dict[str, Any], *,
         if seller is None:
             return ProcessingOutcome(Outcome.RETRY, f"seller {event.account} is not known yet")
     original = None
-    original_stripe_id = _stripe_id(payout_object.get("original_payout"))
+    original_stripe_id = stripe_id_of(payout_object.get("original_payout"))
     if original_stripe_id:
         original = _lock("stripe_payout_id", original_stripe_id, nowait=nowait)
         if original is None:
@@ -344,7 +344,7 @@ def _payout_create(event: EventFacts, payout_object: dict[str, Any], *,
         failure_message=str(payout_object.get("failure_message") or ""),
         metadata=payout_object.get("metadata") or {},
         original_payout_id=original.id if original else None,
-        reversed_by=_stripe_id(payout_object.get("reversed_by"))[:64],
+        reversed_by=stripe_id_of(payout_object.get("reversed_by"))[:64],
         last_event_id=event.stripe_event_id,
         last_event_type=event.type,
         last_event_created=event.stripe_created,

@@ -97,6 +97,15 @@ def _process(event_id: int, trigger: str, nowait: bool) -> ProcessingOutcome:
     return replace(outcome, status_after=status)
 
 
+def replay_uncommitted(event_id: int) -> ProcessingOutcome:
+    """What a replay does to the ledger and the event, inside the caller's SERIALIZABLE
+    transaction, which decides whether any of it stays (``preview`` rolls it back).
+    No attempt is recorded and Stripe is not asked for a payout we lack; a locked
+    event or payout raises (55P03) rather than waits."""
+    assert connection.in_atomic_block, "replay_uncommitted runs inside the caller's transaction"
+    return _process(event_id, Trigger.REPLAY, True)
+
+
 def _with_payout_fetched(event_id: int, trigger: str, nowait: bool,
                          waiting: ProcessingOutcome) -> ProcessingOutcome:
     """The event names a payout we do not know, and Stripe can be asked: fetch it and

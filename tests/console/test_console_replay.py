@@ -8,8 +8,9 @@ from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 
-from payouts.models import WebhookEvent, WebhookEventAttempt
+from payouts.models import BulkReplay, WebhookEvent, WebhookEventAttempt
 from payouts.roles import ensure_roles
+from payouts.services import bulk_replay
 
 pytestmark = pytest.mark.django_db(transaction=True)  # replay runs its own SERIALIZABLE txn
 
@@ -81,20 +82,29 @@ def test_replay_needs_post_and_csrf(demo):
 
 
 def test_bulk_replay_of_all_failed_events(demo):
+    """Replay all failed: a job of exactly the failed events, run by a worker."""
     failed_before = WebhookEvent.objects.filter(status="failed").count()
     assert failed_before >= 2
-    response = client_for("Support").post(reverse("event-bulk-replay"), {"all_failed": "1"},
+    response = client_for("Support").post(reverse("event-bulk-replay"), {"scope": "failed"},
                                           follow=True)
-    assert f"Replayed {failed_before} event(s)".encode() in response.content
+    job = BulkReplay.objects.get()
+    assert response.redirect_chain == [(reverse("bulk-replay-detail", args=[job.pk]), 303)]
+    assert f"Bulk replay of {failed_before} events queued".encode() in response.content
+    assert (job.total, job.description, job.filter_params) == (
+        failed_before, "status failed", {"status": ["failed"]})
+    bulk_replay.run_next("test-worker")
     assert WebhookEventAttempt.objects.filter(trigger="replay").count() == failed_before
 
 
 def test_bulk_replay_of_selected_events(demo):
     chosen = list(WebhookEvent.objects.filter(status="processed")
                   .values_list("pk", flat=True)[:3])
-    response = client_for("Support").post(reverse("event-bulk-replay"),
-                                          {"event_ids": [str(pk) for pk in chosen]}, follow=True)
-    assert b"Replayed 3 event(s): 3 skipped" in response.content  # already applied: no change
+    response = client_for("Support").post(reverse("event-bulk-replay"), {
+        "scope": "selected", "event_ids": [str(pk) for pk in chosen]})
+    assert response.status_code == 303
+    job = bulk_replay.run_next("test-worker")
+    # Applied already: skipped.
+    assert (job.description, job.done, job.skipped) == ("3 selected events", 3, 3)
 
 
 def test_admin_replay_action_respects_the_permission(demo):
@@ -124,11 +134,16 @@ def test_only_superusers_may_resume_a_payout(demo):
     assert Payout.objects.get(pk=payout.pk).creation_state == "reserved"
 
 
-def test_bulk_replay_ignores_ids_that_are_not_events(demo):
-    response = client_for("Support").post(reverse("event-bulk-replay"),
-                                          {"event_ids": ["abc", "-1", "99999999"]}, follow=True)
-    assert response.status_code == 200
-    assert b'class="msg-error">Nothing was replayed: no event was selected.' in response.content
+def test_bulk_replay_refuses_ids_that_are_not_events(demo):
+    support = client_for("Support")
+    url = reverse("event-bulk-replay")
+    not_ids = support.post(url, {"scope": "selected", "event_ids": ["abc", "-1"]})
+    assert not_ids.status_code == 400
+    assert "event_ids must be event numbers" in not_ids.content.decode()
+    unknown = support.post(url, {"scope": "selected", "event_ids": ["99999999"]})
+    assert unknown.status_code == 400
+    assert "no event matches: nothing to replay" in unknown.content.decode()
+    assert not BulkReplay.objects.exists()
 
 
 def test_support_dismisses_a_held_event_with_a_reason(demo):
