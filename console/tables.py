@@ -102,7 +102,8 @@ class EventTable(tables.Table):
                                     attrs={"td": {"class": "mono"}})
     type = tables.Column()
     status = tables.Column()
-    status_reason = tables.Column(verbose_name="Why", orderable=False, empty_values=())
+    status_reason = tables.Column(verbose_name="Why", orderable=False, empty_values=(),
+                                  attrs={"td": {"class": "why"}})
     seller = tables.Column(accessor="seller_name", verbose_name="Seller", orderable=False,
                            empty_values=())
     stripe_object_id = tables.Column(verbose_name="Object", attrs={"td": {"class": "mono"}})

@@ -87,7 +87,7 @@ ATTENTION_ROWS = 20
 def attention_page(request: HtmxHttpRequest) -> HttpResponse:
     """Needs attention: held, dead and failed events, payouts to review, payouts stuck."""
     events = EventTable(selectors.events_needing_a_person()[:ATTENTION_ROWS],
-                        exclude=["select"], orderable=False)
+                        exclude=["select", "attempt_rows"], orderable=False)
     RequestConfig(request, paginate=False).configure(events)
     stuck = PayoutTable(selectors.payouts_stuck().select_related("seller")
                         .order_by("arrival_date")[:ATTENTION_ROWS], orderable=False,
@@ -100,6 +100,7 @@ def attention_page(request: HtmxHttpRequest) -> HttpResponse:
     return render(request, "console/attention.html", {
         "counts": selectors.attention(), "events": events, "stuck": stuck,
         "to_review": to_review, "rows": ATTENTION_ROWS,
+        "approvals": selectors.pending_approvals(),
     })
 
 

@@ -313,10 +313,12 @@ class Attention:
     held: int
     to_review: int  # drifted from Stripe, or otherwise marked
     stuck: int
+    approvals: int  # bulk replays waiting for a second Support person
 
     @property
     def total(self) -> int:
-        return self.failed + self.dead + self.held + self.to_review + self.stuck
+        return (self.failed + self.dead + self.held + self.to_review + self.stuck
+                + self.approvals)
 
 
 NEEDS_A_PERSON = (WebhookEvent.Status.FAILED, WebhookEvent.Status.DEAD, WebhookEvent.Status.HELD)
@@ -329,7 +331,8 @@ def attention() -> Attention:
                      dead=by_status.get(WebhookEvent.Status.DEAD, 0),
                      held=by_status.get(WebhookEvent.Status.HELD, 0),
                      to_review=Payout.objects.exclude(review_reason="").count(),
-                     stuck=payouts_stuck().count())
+                     stuck=payouts_stuck().count(),
+                     approvals=pending_approvals().count())
 
 
 def events_needing_a_person() -> QuerySet[WebhookEvent]:

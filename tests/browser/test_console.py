@@ -124,7 +124,7 @@ def test_support_replays_a_failed_event_and_its_row_is_swapped_in_place(demo, pa
     expect(row.locator(".badge")).to_have_text("failed")
     row.evaluate("tr => tr.dataset.before = 'yes'")  # gone once the row is replaced
 
-    row.get_by_role("button", name="Replay").click()
+    row.get_by_role("button", name=re.compile(r"^Replay evt_")).click()
 
     swapped = page.locator(f"#event-{event.pk}")
     expect(swapped).to_have_attribute("data-replayed", "applied")
@@ -152,7 +152,7 @@ def test_double_click_on_replay_applies_the_event_once(demo, page):
     posts: list[str] = []
     page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
 
-    event_row(page, REPLAY_ME).get_by_role("button", name="Replay").dblclick()
+    event_row(page, REPLAY_ME).get_by_role("button", name=f"Replay {REPLAY_ME}").dblclick()
 
     swapped = page.locator(f"#event-{event.pk}")
     expect(swapped).to_have_attribute("data-replayed", "applied")
@@ -188,7 +188,7 @@ def test_two_staff_replaying_the_same_event_at_once_apply_it_once(
 
     for each in pages:
         each.route(f"**/events/{event.pk}/replay/", hold)
-        event_row(each, REPLAY_ME).get_by_role("button", name="Replay").click()
+        event_row(each, REPLAY_ME).get_by_role("button", name=f"Replay {REPLAY_ME}").click()
 
     outcomes = []
     for each in pages:
@@ -242,7 +242,7 @@ def test_event_detail_of_a_failed_event_shows_the_payload_and_the_error(demo, pa
     event = WebhookEvent.objects.get(stripe_event_id=REPLAY_ME)
     login(page, "support")
     open_failed_events(page)
-    page.get_by_role("link", name=REPLAY_ME).click()
+    page.get_by_role("link", name=REPLAY_ME, exact=True).click()
     expect(page).to_have_url(re.compile(rf"/events/{event.pk}/$"))
     expect(page.locator("h1 .badge")).to_have_text("failed")
 
@@ -363,7 +363,7 @@ def test_support_dismisses_a_held_event_from_its_page(demo, page):
     page.goto("/events/")
     page.locator("a#held-link").click()
     expect(page.locator("#results .count")).to_have_text("2 events")
-    page.get_by_role("link", name="evt_1DemoHeldAccount01").click()
+    page.get_by_role("link", name="evt_1DemoHeldAccount01", exact=True).click()
     expect(page.locator("#held")).to_contain_text(
         "account is acct_1DemoBlueHeron0000 in the event, acct_1DemoAtelierNord00 on our payout")
     page.get_by_label("Why it is dismissed").fill("Blue Heron's payout; confirmed with Stripe")
@@ -384,7 +384,7 @@ def test_replay_leaves_the_address_bar_on_the_events_list(demo, page):
     login(page, "support")
     open_failed_events(page)
     list_url = page.url
-    event_row(page, REPLAY_ME).get_by_role("button", name="Replay").click()
+    event_row(page, REPLAY_ME).get_by_role("button", name=f"Replay {REPLAY_ME}").click()
     expect(page.locator(f"#event-{event.pk}")).to_have_attribute("data-replayed", "applied")
     assert page.url == list_url
     answer = page.reload()
@@ -396,9 +396,9 @@ def test_a_replayed_row_keeps_its_replay_button(demo, page):
     event = WebhookEvent.objects.get(stripe_event_id=UNKNOWN_PAID)  # replay: still failing
     login(page, "support")
     open_failed_events(page)
-    event_row(page, UNKNOWN_PAID).get_by_role("button", name="Replay").click()
+    event_row(page, UNKNOWN_PAID).get_by_role("button", name=f"Replay {UNKNOWN_PAID}").click()
     swapped = page.locator(f"#event-{event.pk}")
     expect(swapped).to_have_attribute("data-replayed", "retry")
     expect(swapped.locator(".badge")).to_have_text("failed")
     # The swapped row is complete now: count at once instead of waiting for a button.
-    assert swapped.get_by_role("button", name="Replay").count() == 1, swapped.inner_html()
+    assert swapped.get_by_role("button", name=f"Replay {UNKNOWN_PAID}").count() == 1, swapped.inner_html()
