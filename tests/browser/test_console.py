@@ -401,4 +401,5 @@ def test_a_replayed_row_keeps_its_replay_button(demo, page):
     expect(swapped).to_have_attribute("data-replayed", "retry")
     expect(swapped.locator(".badge")).to_have_text("failed")
     # The swapped row is complete now: count at once instead of waiting for a button.
-    assert swapped.get_by_role("button", name=f"Replay {UNKNOWN_PAID}").count() == 1, swapped.inner_html()
+    replay = swapped.get_by_role("button", name=f"Replay {UNKNOWN_PAID}")
+    assert replay.count() == 1, swapped.inner_html()
