@@ -122,6 +122,63 @@ WEBHOOK_REJECTION_FLUSH_SECONDS = float(os.environ.get("WEBHOOK_REJECTION_FLUSH_
 HEALTH_OLDEST_DUE_SECONDS = float(os.environ.get("HEALTH_OLDEST_DUE_SECONDS", "300"))
 HEALTH_P99_SECONDS = float(os.environ.get("HEALTH_P99_SECONDS", "1"))
 
+
+def env_number(name: str, default: str, *, minimum: float = 0, whole: bool = False) -> float:
+    """A number setting, refused with its name when it is not one (or below ``minimum``)."""
+    raw = os.environ.get(name, "").strip() or default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        kind = "a whole number" if whole else "a number"
+        raise ImproperlyConfigured(f"{name} must be {kind}, not {raw!r}") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {raw!r}")
+    return value
+
+
+# Alerts (payouts/services/alerts.py; the rules shared with Health are in payouts/rules.py).
+# The worker checks them every ALERT_CHECK_MINUTES; each opens once, resolves once.
+ALERT_CHECK_MINUTES = env_number("ALERT_CHECK_MINUTES", "1", minimum=0.05)
+ALERT_DEAD_EVENTS = int(env_number("ALERT_DEAD_EVENTS", "0", whole=True))
+ALERT_STUCK_GRACE_HOURS = env_number("ALERT_STUCK_GRACE_HOURS", "24")
+ALERT_FAILURE_WINDOW_HOURS = env_number("ALERT_FAILURE_WINDOW_HOURS", "24", minimum=0.1)
+ALERT_FAILURE_RATE = env_number("ALERT_FAILURE_RATE", "0.2")
+if ALERT_FAILURE_RATE > 1:
+    raise ImproperlyConfigured("ALERT_FAILURE_RATE is a share, 0 to 1 (0.2: 20 %), "
+                               f"not {ALERT_FAILURE_RATE}")
+ALERT_FAILURE_MIN_COUNT = int(env_number("ALERT_FAILURE_MIN_COUNT", "5", minimum=1, whole=True))
+ALERT_REJECTIONS = int(env_number("ALERT_REJECTIONS", "20", minimum=1, whole=True))
+ALERT_REJECTION_WINDOW_MINUTES = int(env_number("ALERT_REJECTION_WINDOW_MINUTES", "5",
+                                                minimum=1, whole=True))
+ALERT_API_VERSION_HOURS = env_number("ALERT_API_VERSION_HOURS", "24", minimum=0.1)
+# The API version our webhook endpoint is pinned to; events of another one are alerted.
+STRIPE_API_VERSION = os.environ.get("STRIPE_API_VERSION", "").strip() or "2025-09-30.clover"
+# Where alerts go: a Slack-compatible incoming webhook ({"text": ...}) and/or e-mail.
+ALERT_WEBHOOK_URL = os.environ.get("ALERT_WEBHOOK_URL", "").strip()
+if ALERT_WEBHOOK_URL and not ALERT_WEBHOOK_URL.startswith(("https://", "http://")):
+    raise ImproperlyConfigured("ALERT_WEBHOOK_URL must be an http(s):// URL, "
+                               f"not {ALERT_WEBHOOK_URL[:40]!r}")
+ALERT_EMAILS = env_list("ALERT_EMAILS")
+if any("@" not in address for address in ALERT_EMAILS):
+    raise ImproperlyConfigured("ALERT_EMAILS must be comma-separated e-mail addresses")
+# Each delivery's timeout: a dead receiver must not hold the alert job for long.
+ALERT_TIMEOUT_SECONDS = env_number("ALERT_TIMEOUT_SECONDS", "5", minimum=0.1)
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "").strip() or "localhost"
+EMAIL_PORT = int(env_number("EMAIL_PORT", "25", minimum=1, whole=True))
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = ALERT_TIMEOUT_SECONDS
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "").strip() or "payout-console@localhost"
+
+# GET /metrics (Prometheus) answers only with `Authorization: Bearer $METRICS_TOKEN`; unset:
+# 404. Counters are shared by a server's processes through PROMETHEUS_MULTIPROC_DIR
+# (payouts/metrics.py); gunicorn makes a private one when it is unset.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+if METRICS_TOKEN and len(METRICS_TOKEN) < 16:
+    raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters (a random value, "
+                               "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",

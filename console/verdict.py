@@ -15,7 +15,7 @@ from enum import IntEnum
 from django.conf import settings
 from django.urls import reverse
 
-from payouts import selectors
+from payouts import rules, selectors
 from payouts.models import Payout
 
 
@@ -86,7 +86,8 @@ def read_figures(now: datetime) -> Figures:
 
 
 def evaluate(figures: Figures) -> Verdict:
-    """The rules. Thresholds: HEALTH_OLDEST_DUE_SECONDS, HEALTH_P99_SECONDS (settings)."""
+    """The rules, from ``payouts.rules`` (shared with the alerts). Thresholds:
+    HEALTH_OLDEST_DUE_SECONDS, HEALTH_P99_SECONDS, ALERT_DEAD_EVENTS (settings)."""
     backlog = figures.backlog
     events, payouts = reverse("event-list"), reverse("payout-list")
     oldest_due_limit = settings.HEALTH_OLDEST_DUE_SECONDS
@@ -94,25 +95,26 @@ def evaluate(figures: Figures) -> Verdict:
     p99 = figures.latency["p99"] if figures.latency else None
     oldest = backlog.oldest_due_age_s
     checks = [
-        Check("oldest_due", Level.DEGRADED if oldest is not None and oldest > oldest_due_limit
-              else Level.OK,
+        Check("oldest_due", Level.DEGRADED if rules.oldest_due_too_old(oldest) else Level.OK,
               f"degraded when the oldest due event waits over {duration(oldest_due_limit)}",
               f"{backlog.due} due, the oldest waiting {duration(oldest)}" if oldest is not None
               else "nothing due", f"{events}?queue=due", backlog.due),
-        Check("dead_events", _warn_if(backlog.dead), "needs attention when any event is dead",
+        Check("dead_events", _warn_if(rules.too_many_dead(backlog.dead)),
+              "needs attention when any event is dead" if not settings.ALERT_DEAD_EVENTS
+              else f"needs attention when over {settings.ALERT_DEAD_EVENTS} events are dead",
               _many(backlog.dead, "dead event"), f"{events}?status=dead", backlog.dead),
-        Check("held_events", _warn_if(backlog.held),
+        Check("held_events", _warn_if(rules.any_held(backlog.held)),
               "needs attention when any event is held for a decision",
               _many(backlog.held, "held event"), f"{events}?status=held", backlog.held),
         Check("stuck_in_transit", _warn_if(figures.stuck_count),
               "needs attention when any payout is in transit past its arrival date",
               f"{_many(figures.stuck_count, 'payout')} stuck in transit",
               f"{payouts}?flag=stuck", figures.stuck_count),
-        Check("to_review", _warn_if(figures.to_review),
+        Check("to_review", _warn_if(rules.any_to_review(figures.to_review)),
               "needs attention when any payout is marked to review",
               f"{_many(figures.to_review, 'payout')} to review", f"{payouts}?flag=review",
               figures.to_review),
-        Check("latency_p99", Level.WARN if p99 is not None and p99 > p99_limit else Level.OK,
+        Check("latency_p99", Level.WARN if rules.p99_too_slow(p99) else Level.OK,
               f"needs attention when processing p99 is over {duration(p99_limit)} (24 h)",
               f"p99 {duration(p99)}" if p99 is not None else "no events settled in 24 h",
               # the slowest transactions: where a slow p99 usually comes from
@@ -134,8 +136,8 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _warn_if(count: int) -> Level:
-    return Level.WARN if count > 0 else Level.OK
+def _warn_if(found: int | bool) -> Level:
+    return Level.WARN if found else Level.OK
 
 
 def _many(count: int, noun: str) -> str:

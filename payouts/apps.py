@@ -7,6 +7,8 @@ class PayoutsConfig(AppConfig):
 
     def ready(self) -> None:
         import txutils
+        from payouts.metrics import count_retries
         from payouts.txlog_sink import store_transaction_log
 
         txutils.add_sink(store_transaction_log)
+        txutils.add_sink(count_retries)

@@ -281,7 +281,7 @@ def failure_codes(since: datetime) -> list[dict[str, Any]]:
     return [{**row, "rate": row["count"] / total} for row in rows]
 
 
-def seller_failure_rates(since: datetime, limit: int = 10) -> list[dict[str, Any]]:
+def seller_failure_rates(since: datetime, limit: int | None = 10) -> list[dict[str, Any]]:
     rows = (Payout.objects.filter(created_at__gte=since, seller__isnull=False).order_by()
             .values("seller__name", "seller__stripe_account_id")
             .annotate(total=Count("id"), failed=Count("id", filter=Q(status="failed")))
@@ -289,14 +289,16 @@ def seller_failure_rates(since: datetime, limit: int = 10) -> list[dict[str, Any
     return [{**row, "rate": row["failed"] / row["total"]} for row in rows]
 
 
-def stuck(now: datetime | None = None) -> Q:
-    """In transit past their arrival date: Stripe has not said paid or failed. ``now``:
-    Health reads every figure at one moment."""
-    return Q(status=Payout.Status.IN_TRANSIT, arrival_date__lt=now or timezone.now())
+def stuck(now: datetime | None = None, grace: timedelta = timedelta(0)) -> Q:
+    """In transit past their arrival date (plus ``grace``: the alert waits longer than
+    Health): Stripe has not said paid or failed. ``now``: Health reads every figure at
+    one moment."""
+    return Q(status=Payout.Status.IN_TRANSIT, arrival_date__lt=(now or timezone.now()) - grace)
 
 
-def payouts_stuck(now: datetime | None = None) -> QuerySet[Payout]:
-    return Payout.objects.filter(stuck(now))
+def payouts_stuck(now: datetime | None = None, grace: timedelta = timedelta(0),
+                  ) -> QuerySet[Payout]:
+    return Payout.objects.filter(stuck(now, grace))
 
 
 def stuck_in_transit(limit: int = 20, now: datetime | None = None) -> tuple[int, list[Payout]]:

@@ -12,6 +12,7 @@ from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from payouts import metrics
 from payouts.services import inbox
 from payouts.services.processing import event_receive
 
@@ -20,6 +21,7 @@ log = structlog.get_logger(__name__)
 
 def _refuse(request: HttpRequest, rejection: inbox.Rejected) -> JsonResponse:
     inbox.rejection_count(rejection.reason)
+    metrics.delivery("rejected", rejection.reason)
     log.warning("webhook.rejected", reason=rejection.reason, detail=rejection.detail,
                 status=rejection.status, remote_addr=request.META.get("REMOTE_ADDR"))
     return JsonResponse({"error": rejection.reason, "detail": rejection.detail},
@@ -102,8 +104,10 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
     except DatabaseError:
         # Not stored, so not acknowledged: Stripe delivers it again later.
         log.exception("webhook.store_failed", stripe_event=payload["id"])
+        metrics.delivery("unavailable")
         return JsonResponse({"error": "unavailable", "detail": "the event could not be "
                              "stored; it will be accepted when redelivered"}, status=503)
+    metrics.delivery("duplicate" if answer["duplicate"] else "received")
     log.info("webhook.received", stripe_event=payload["id"], type=payload["type"],
              duplicate=answer["duplicate"], status=answer.get("status"))
     return JsonResponse(answer)

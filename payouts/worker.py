@@ -8,9 +8,10 @@ the event's timeline as failed, and the event is retried by the inbox's policy.
 Processing itself is idempotent, so a lease that runs out while its worker is
 still busy costs a second attempt, never a second effect.
 
-With ``STRIPE_API_KEY`` set, a worker also runs the scheduled jobs (sync_events,
-reconcile_payouts --apply) when they are due and it gets their lease
-(``payouts.services.jobs``), in a thread beside the event loop. Bulk replays asked for
+A worker also runs the scheduled jobs when they are due and it gets their lease
+(``payouts.services.jobs``): check_alerts always, and with ``STRIPE_API_KEY`` set
+sync_events and reconcile_payouts --apply, each in a thread of its own beside the event
+loop (a long reconcile does not hold the alerts up). Bulk replays asked for
 in the console run the same way, one at a time per worker, in a thread of their own
 (``payouts.services.bulk_replay``).
 """
@@ -40,7 +41,7 @@ class Worker:
         self.idle_sleep_s = idle_sleep_s
         self.name = name or jobs.runner_name()
         self._stopping = False
-        self._job: threading.Thread | None = None
+        self._jobs: dict[str, threading.Thread] = {}  # scheduled jobs running, by name
         self._schedule_checked = 0.0
         self._bulk: threading.Thread | None = None
         self._bulk_checked = 0.0
@@ -83,7 +84,7 @@ class Worker:
                 if once:
                     break
                 time.sleep(self.idle_sleep_s)
-        for thread in (self._job, self._bulk):
+        for thread in (*self._jobs.values(), self._bulk):
             if thread is not None:
                 thread.join(JOB_STOP_WAIT_S)
         log.info("worker.stopped", worker=self.name, handled=handled)
@@ -91,24 +92,25 @@ class Worker:
 
     def run_due_job(self, *, wait: bool = False) -> None:
         """Start a scheduled job that is due, if this worker gets its lease and is not
-        running one already; ``wait`` runs it to the end first (``--once``)."""
+        running that job already; ``wait`` runs it to the end first (``--once``)."""
         now = time.monotonic()
-        if (self._job is not None and self._job.is_alive()) or (
-                not wait and now - self._schedule_checked < jobs.check_every_s()):
+        if not wait and now - self._schedule_checked < jobs.check_every_s():
             return
         self._schedule_checked = now
+        running = frozenset(name for name, thread in self._jobs.items() if thread.is_alive())
         try:
-            job = jobs.next_due(self.name, lambda: self._stopping)
+            job = jobs.next_due(self.name, lambda: self._stopping, running)
         except Exception:
             log.exception("worker.schedule_failed", worker=self.name)
             return
         if job is None:
             return
-        self._job = threading.Thread(target=self._run_job, args=(job,), daemon=True,
-                                     name=f"job-{job.name}")
-        self._job.start()
+        thread = threading.Thread(target=self._run_job, args=(job,), daemon=True,
+                                  name=f"job-{job.name}")
+        self._jobs[job.name] = thread
+        thread.start()
         if wait:
-            self._job.join()
+            thread.join()
 
     def run_bulk_replay(self, *, wait: bool = False) -> None:
         """Claim a queued bulk replay (or one whose worker died) if this worker runs none,

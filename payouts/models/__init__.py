@@ -1,11 +1,18 @@
+from payouts.models.alerts import Alert
 from payouts.models.audit import AuditEntry
 from payouts.models.bulk import BulkReplay
 from payouts.models.jobs import JobRun, ScheduledJob
 from payouts.models.ledger import PaymentTransaction, PaymentTransfer, Payout, PayoutItem, Seller
 from payouts.models.txlog import TransactionLog
-from payouts.models.webhooks import WebhookEvent, WebhookEventAttempt, WebhookRejection
+from payouts.models.webhooks import (
+    RejectionMinute,
+    WebhookEvent,
+    WebhookEventAttempt,
+    WebhookRejection,
+)
 
 __all__ = [
+    "Alert",
     "AuditEntry",
     "BulkReplay",
     "JobRun",
@@ -13,6 +20,7 @@ __all__ = [
     "PaymentTransfer",
     "Payout",
     "PayoutItem",
+    "RejectionMinute",
     "ScheduledJob",
     "Seller",
     "TransactionLog",

@@ -149,3 +149,21 @@ class WebhookRejection(models.Model):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.count}"
+
+
+class RejectionMinute(models.Model):
+    """Refused deliveries per reason and minute, added by the same statement as
+    ``WebhookRejection``: the alert job's window ("20 bad signatures in 5 minutes").
+    Old minutes are deleted by the alert job."""
+
+    reason = models.CharField(max_length=64)
+    minute = models.DateTimeField()
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["reason", "minute"],
+                                               name="rejection_minute_unique")]
+        indexes = [models.Index(fields=["minute"])]
+
+    def __str__(self) -> str:
+        return f"{self.reason} {self.minute:%H:%M}: {self.count}"

@@ -33,7 +33,8 @@ from django.db import Error as DatabaseFailure
 from django.db import connection, transaction
 from django.utils import timezone
 
-from payouts.models import WebhookEvent, WebhookEventAttempt, WebhookRejection
+from payouts import metrics
+from payouts.models import RejectionMinute, WebhookEvent, WebhookEventAttempt, WebhookRejection
 from payouts.services import audit
 from payouts.services.outcome import Outcome, ProcessingOutcome
 
@@ -313,15 +314,26 @@ def is_stored(stripe_event_id: str) -> bool:
 # --- counting refusals ------------------------------------------------------------------------
 
 REJECTION = WebhookRejection._meta.db_table
+REJECTION_MINUTE = RejectionMinute._meta.db_table
 
 # Counts added in one statement, reasons in order (two processes flushing at once lock the
 # rows in the same order). A row per reason: the reasons are this module's fixed codes,
-# never taken from the request, so junk cannot add rows.
+# never taken from the request, so junk cannot add rows. The same counts go to the
+# reason's row of the current minute too (the alert job's window: a burst of refusals).
 REJECTIONS_ADD_SQL = f"""
-INSERT INTO {REJECTION} AS r (reason, count, last_seen_at)
-SELECT * FROM unnest(%s::varchar[], %s::bigint[], %s::timestamptz[])
-ON CONFLICT (reason) DO UPDATE
-SET count = r.count + EXCLUDED.count, last_seen_at = GREATEST(r.last_seen_at, EXCLUDED.last_seen_at)
+WITH counts AS (
+    SELECT * FROM unnest(%s::varchar[], %s::bigint[], %s::timestamptz[])
+        AS c(reason, count, last_seen_at)
+), totals AS (
+    INSERT INTO {REJECTION} AS r (reason, count, last_seen_at)
+    SELECT reason, count, last_seen_at FROM counts
+    ON CONFLICT (reason) DO UPDATE
+    SET count = r.count + EXCLUDED.count,
+        last_seen_at = GREATEST(r.last_seen_at, EXCLUDED.last_seen_at)
+)
+INSERT INTO {REJECTION_MINUTE} AS m (reason, minute, count)
+SELECT reason, date_trunc('minute', now()), count FROM counts
+ON CONFLICT (reason, minute) DO UPDATE SET count = m.count + EXCLUDED.count
 """
 
 
@@ -530,6 +542,8 @@ def settlement(event: NewEvent | WebhookEvent, outcome: ProcessingOutcome,
         fields.update(_failed_attempt(event, outcome.reason, now))
     else:
         fields.update(status=STATUS_AFTER[outcome.kind], next_attempt_at=None, processed_at=now)
+        if event.status in WebhookEvent.PENDING:  # its first settlement, not a replay's
+            metrics.settled_after((now - event.received_at).total_seconds())
     return fields
 
 

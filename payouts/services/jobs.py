@@ -1,11 +1,14 @@
-"""sync_events and reconcile_payouts as jobs: each run recorded, and the workers' schedule.
+"""sync_events and reconcile_payouts as jobs (each run recorded), and the workers' schedule,
+which also runs check_alerts.
 
 Every run, from the command line, the console or a worker's schedule, is a
 ``JobRun`` row: started, finished, status, counts and findings (the health and
 Reconciliation pages show them).
 
 Workers run each job every ``SYNC_EVENTS_MINUTES`` / ``RECONCILE_MINUTES`` when
-``STRIPE_API_KEY`` is set. One runner at a time across every worker on every machine:
+``STRIPE_API_KEY`` is set, and ``check_alerts`` every ``ALERT_CHECK_MINUTES`` always (its
+runs are not recorded as ``JobRun`` rows, a minute's each: the alerts it opens and
+resolves are its record, and the log). One runner at a time across every worker on every machine:
 a worker first leases the job's ``ScheduledJob`` row with one UPDATE (autocommit, no
 session state, so it works behind PgBouncer in transaction pooling), renews the lease
 while it runs and frees it when done. A runner that dies leaves its lease to run out
@@ -33,7 +36,7 @@ from django.db import connection
 from django.utils import timezone
 
 from payouts.models import JobRun, Payout, ScheduledJob, WebhookEvent
-from payouts.services import inbox, stripe_sync
+from payouts.services import alerts, inbox, stripe_sync
 from payouts.stripe_api import StripeNotConfigured, StripeReader, StripeReadError, stripe_client
 
 log = structlog.get_logger(__name__)
@@ -48,6 +51,7 @@ CONSOLE_TIMEOUT_S = 10.0
 # Errors that end a run with its reason shown: Stripe's answer, not a bug.
 STRIPE_TROUBLE = (StripeNotConfigured, StripeReadError)
 SCHEDULED = ScheduledJob._meta.db_table
+CHECK_ALERTS = "check_alerts"  # a scheduled job with no JobRun record (alerts.check)
 
 
 class LeaseLost(Exception):
@@ -189,11 +193,13 @@ WHERE name = %(name)s AND leased_by = %(runner)s"""
 
 
 def intervals() -> dict[str, timedelta]:
-    """The scheduled jobs and how often each runs; none without an API key."""
-    if not settings.STRIPE_API_KEY:
-        return {}
-    return {Job.SYNC_EVENTS: timedelta(minutes=settings.SYNC_EVENTS_MINUTES),
-            Job.RECONCILE_PAYOUTS: timedelta(minutes=settings.RECONCILE_MINUTES)}
+    """The scheduled jobs and how often each runs: the alerts always, the jobs that ask
+    Stripe only with an API key."""
+    scheduled = {CHECK_ALERTS: timedelta(minutes=settings.ALERT_CHECK_MINUTES)}
+    if settings.STRIPE_API_KEY:
+        scheduled |= {Job.SYNC_EVENTS: timedelta(minutes=settings.SYNC_EVENTS_MINUTES),
+                      Job.RECONCILE_PAYOUTS: timedelta(minutes=settings.RECONCILE_MINUTES)}
+    return scheduled
 
 
 def check_every_s() -> float:
@@ -257,9 +263,12 @@ class Scheduled:
         finally:
             connection.close()  # this thread's own connection
 
-    def run(self) -> JobRun:
+    def run(self) -> JobRun | None:
         """Run the leased job, then free it: next due an interval from now, or at once if
-        it was interrupted."""
+        it was interrupted. The job's record, or None for check_alerts (which has none)."""
+        if self.name == CHECK_ALERTS:
+            self._check_alerts()
+            return None
         renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.name}")
         renewer.start()
         run: JobRun | None = None
@@ -279,9 +288,24 @@ class Scheduled:
         return run
 
 
-def next_due(worker: str, stopping: Callable[[], bool]) -> Scheduled | None:
-    """The first scheduled job that is due and that this worker could lease."""
+    def _check_alerts(self) -> None:
+        """One check, well within its lease (deliveries time out in seconds). A failed
+        check is logged and tried again at the next interval."""
+        try:
+            alerts.check(alerts.Evaluation())
+        except Exception:
+            log.exception("alerts.check_failed", runner=self.runner)
+        finally:
+            lease_free(self.name, self.runner, done=True)
+
+
+def next_due(worker: str, stopping: Callable[[], bool],
+             running: frozenset[str] = frozenset()) -> Scheduled | None:
+    """The first scheduled job that is due, not ``running`` here already, and that this
+    worker could lease."""
     for name, interval in intervals().items():
+        if name in running:
+            continue
         job = Scheduled(name, worker, stopping)
         if lease_due(name, interval, job.runner):
             return job
