@@ -20,3 +20,53 @@ backlog = 256
 # gunicorn would take X-Forwarded-Proto from a local peer as HTTPS on its own; only Django
 # decides, from DJANGO_SECURE_PROXY_SSL_HEADER.
 forwarded_allow_ips = ""
+
+
+# --- Prometheus's multiprocess mode (payouts/metrics.py) ---------------------------------
+# Each worker process keeps its counters in a file of PROMETHEUS_MULTIPROC_DIR and a scrape
+# adds every file up, so /metrics is right whichever worker answers. Unset: a private
+# directory for this server, made here before any worker starts and removed at exit. Set
+# (to share it with process_webhooks workers on this machine): only the files of processes
+# no longer running are removed at start, never a running one's.
+_own_metrics_dir: str | None = None
+
+
+def on_starting(server: object) -> None:
+    global _own_metrics_dir
+    import re
+    import tempfile
+    from pathlib import Path
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if not path:
+        _own_metrics_dir = path = tempfile.mkdtemp(prefix="payout-console-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # the workers inherit it
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    for file in Path(path).glob("*.db"):
+        match = re.fullmatch(r"[a-z_]+_(\d+)\.db", file.name)
+        if match and not _running(int(match.group(1))):
+            file.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def child_exit(server: object, worker: object) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    import shutil
+
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)

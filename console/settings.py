@@ -178,6 +178,13 @@ METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
 if METRICS_TOKEN and len(METRICS_TOKEN) < 16:
     raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters (a random value, "
                                "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+if _metrics_dir:  # prometheus-client writes there from the first count: it must exist
+    try:
+        Path(_metrics_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImproperlyConfigured(f"PROMETHEUS_MULTIPROC_DIR {_metrics_dir!r} cannot be "
+                                   f"created: {exc}") from exc
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -199,6 +206,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "payouts.middleware.WebhookFastPath",
+    "console.metrics.MetricsEndpoint",  # GET /metrics, with its token, past sessions
     "csp.middleware.CSPMiddleware",  # after the webhook's fast path: pages, not JSON
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from console import views
+from console import metrics, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -26,6 +26,7 @@ urlpatterns = [
     path("reconciliation/", views.reconciliation_page, name="reconciliation"),
     path("health/", views.health, name="health"),
     path("audit/", views.audit_page, name="audit"),
+    path("metrics", metrics.metrics_view, name="metrics"),  # answered by MetricsEndpoint
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

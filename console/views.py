@@ -36,7 +36,7 @@ from console.inputs import configure_table, safe_next
 from console.tables import AuditTable, EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
 from payouts.models import BulkReplay, JobRun, Payout, Seller, TransactionLog, WebhookEvent
-from payouts.services import audit, bulk_replay, inbox, jobs, preview, seller_payouts
+from payouts.services import alerts, audit, bulk_replay, inbox, jobs, preview, seller_payouts
 from payouts.services.processing import event_replay
 from payouts.stripe_api import StripeNotConfigured, stripe_client
 
@@ -100,7 +100,7 @@ def attention_page(request: HtmxHttpRequest) -> HttpResponse:
     return render(request, "console/attention.html", {
         "counts": selectors.attention(), "events": events, "stuck": stuck,
         "to_review": to_review, "rows": ATTENTION_ROWS,
-        "approvals": selectors.pending_approvals(),
+        "approvals": selectors.pending_approvals(), "open_alerts": alerts.open_alerts(),
     })
 
 
@@ -516,6 +516,7 @@ def health(request: HtmxHttpRequest) -> HttpResponse:
 
     return _page(request, "console/health.html", {
         "verdict": verdict.evaluate(figures),
+        "open_alerts": alerts.open_alerts(),
         "by_status": summary.by_status,
         "summary_at": summary.computed_at,
         "failure_codes": selectors.failure_codes(now - timedelta(days=30)),

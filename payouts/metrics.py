@@ -25,11 +25,20 @@ from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 import txutils
+
+disable_created_metrics()  # the *_created series: noise for every scrape
 
 DELIVERIES = Counter("payout_console_webhook_deliveries",
                      "Webhook deliveries answered, by result (received, duplicate, rejected, "
