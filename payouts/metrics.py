@@ -54,6 +54,13 @@ PROCESSING_SECONDS = Histogram(
              72 * 3600))
 
 
+# The usual series exist from the start (at 0), so a rate over them is defined at once.
+for _result in ("received", "duplicate"):
+    DELIVERIES.labels(result=_result, reason="")
+for _code in txutils.RETRYABLE_SQLSTATES:
+    TRANSACTION_RETRIES.labels(sqlstate=_code)
+
+
 def delivery(result: str, reason: str = "") -> None:
     DELIVERIES.labels(result=result, reason=reason).inc()
 
