@@ -344,3 +344,18 @@ def test_the_alert_job_is_scheduled_without_a_stripe_key(settings: Any) -> None:
     assert job.run() is None
     assert Alert.objects.filter(rule="held_events", resolved_at__isnull=True).exists()
     assert jobs.next_due("w2", stopping=lambda: False) is None  # done: due in a minute
+
+
+# --- shown on Health and on Needs attention ------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_open_alerts_are_shown_on_health_and_needs_attention(admin_client: Any) -> None:
+    health = admin_client.get("/health/").content.decode()
+    assert 'id="open-alerts"' in health and "None open." in health
+    assert 'id="open-alerts"' not in admin_client.get("/attention/").content.decode()
+    make_event("held")
+    check()
+    for page in ("/health/", "/attention/"):
+        html = admin_client.get(page).content.decode()
+        assert 'id="alert-held_events"' in html and "1 held event" in html, page
