@@ -15,6 +15,7 @@ from django.utils.html import format_html
 
 from payouts import selectors
 from payouts.models import (
+    Alert,
     AuditEntry,
     BulkReplay,
     JobRun,
@@ -188,3 +189,11 @@ class BulkReplayAdmin(ReadOnlyAdmin):
                     "total", "decided_by"]
     list_filter = ["status"]
     list_select_related = ["requested_by", "decided_by"]
+
+
+@admin.register(Alert)
+class AlertAdmin(ReadOnlyAdmin):
+    list_display = ["rule", "subject", "summary", "opened_at", "resolved_at", "notified_open_at",
+                    "notified_resolved_at", "delivery_attempts"]
+    list_filter = ["rule"]
+    date_hierarchy = "opened_at"
