@@ -241,10 +241,10 @@ class Evaluation:
 
 def evaluate(now: datetime, result: Evaluation) -> None:
     """Open, update and resolve alerts from what the rules find at ``now``."""
-    found = {(f.rule, f.subject): f for f in findings(now)}
-    for finding in found.values():
+    found = {(f.rule, f.subject[:200]): f for f in findings(now)}  # as the column keeps it
+    for (rule, subject), finding in found.items():
         [(alert_id, inserted)] = _execute(UPSERT_SQL, {
-            "rule": finding.rule, "subject": finding.subject[:200], "summary": finding.summary,
+            "rule": rule, "subject": subject, "summary": finding.summary,
             "value": finding.value, "now": now})
         if inserted:
             result.opened.append(f"{finding.rule} {finding.subject}".strip())
@@ -303,7 +303,7 @@ def _send(channel: str, title: str, body: str) -> None:
         request = urllib.request.Request(
             settings.ALERT_WEBHOOK_URL, data=json.dumps({"text": body}).encode(),
             headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read(1024)  # urlopen raises on 4xx/5xx
     else:
         send_mail(title, body, settings.DEFAULT_FROM_EMAIL, settings.ALERT_EMAILS,

@@ -184,7 +184,7 @@ def test_a_scheduled_job_not_finished_for_three_intervals(settings: Any) -> None
     JobRun.objects.create(job="sync_events", trigger="schedule", status="ok",
                           started_at=now - timedelta(minutes=40),
                           finished_at=now - timedelta(minutes=40))
-    assert "job_overdue" not in rules_found()  # 40 min: under 3 × 15
+    assert "job_overdue" not in rules_found()  # 40 min: under 3 x 15
     JobRun.objects.create(job="sync_events", trigger="schedule", status="failed",
                           started_at=now - timedelta(minutes=5), finished_at=now)
     assert "job_overdue" not in rules_found(now + timedelta(minutes=4))
