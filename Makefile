@@ -23,7 +23,7 @@ setup: $(STAMP)
 # commands typed by hand here behave the same): DEBUG on (so the development webhook
 # secret applies, over plain HTTP), the checkout's embedded database, a random key.
 .env:
-	@printf '%s\n' '# Written by `make run` for the demo in this checkout; real environment variables win.' \
+	@umask 077; printf '%s\n' '# Written by `make run` for the demo in this checkout; real environment variables win.' \
 	  'DJANGO_DEBUG=true' 'DATABASE_URL=embedded' \
 	  "DJANGO_SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > $@
 	@echo "wrote $@ (the demo's settings)"

@@ -14,7 +14,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 def read_env_file(path: str) -> None:
     """Fill unset environment variables from ``path`` (``KEY=value`` lines, ``#``
-    comments); a real environment variable always wins. Ten lines instead of a
+    comments, also after a value; quotes keep a value whole); a real environment
+    variable always wins. A few lines instead of a
     dependency: the file is the one `make run` writes for the demo."""
     if not path:
         return
@@ -27,7 +28,12 @@ def read_env_file(path: str) -> None:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.removeprefix("export ").partition("=")
-        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+        value = value.strip()
+        if value[:1] in ("'", '"'):  # quoted: taken as written, comment and all
+            value = value[1:].partition(value[0])[0]
+        else:  # as in shell and dotenv files, " #" starts a comment
+            value = value.partition(" #")[0].strip()
+        os.environ.setdefault(key.strip(), value)
 
 
 # The demo checkout's choices (DJANGO_DEBUG, DATABASE_URL=embedded, its secret key), so

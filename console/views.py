@@ -35,7 +35,15 @@ from console.filters import AuditFilter, EventFilter, PayoutFilter, TransactionL
 from console.inputs import configure_table, safe_next
 from console.tables import AuditTable, EventTable, PayoutTable, TransactionLogTable
 from payouts import selectors
-from payouts.models import BulkReplay, JobRun, Payout, Seller, TransactionLog, WebhookEvent
+from payouts.models import (
+    AuditEntry,
+    BulkReplay,
+    JobRun,
+    Payout,
+    Seller,
+    TransactionLog,
+    WebhookEvent,
+)
 from payouts.services import alerts, audit, bulk_replay, inbox, jobs, preview, seller_payouts
 from payouts.services.processing import event_replay
 from payouts.stripe_api import StripeNotConfigured, stripe_client
@@ -104,6 +112,13 @@ def attention_page(request: HtmxHttpRequest) -> HttpResponse:
     })
 
 
+def _audit_table(request: HttpRequest, entries: QuerySet[AuditEntry]) -> AuditTable:
+    """What people did to one event or payout: the audit page's table, unpaged."""
+    table = AuditTable(entries[:50], orderable=False)
+    RequestConfig(request, paginate=False).configure(table)
+    return table
+
+
 # --- payouts -------------------------------------------------------------------------------
 
 
@@ -125,6 +140,7 @@ def payout_detail(request: HttpRequest, pk: int) -> HttpResponse:
     payout = get_object_or_404(selectors.payout_details(), pk=pk)
     return render(request, "console/payout_detail.html", {
         "payout": payout,
+        "audit": _audit_table(request, selectors.audit_entries().filter(payout=payout)),
         "items": selectors.payout_items(payout),
         "timeline": selectors.payout_timeline(payout).select_related("requested_by"),
         "stripe_configured": bool(settings.STRIPE_API_KEY),
@@ -227,6 +243,7 @@ def event_detail(request: HttpRequest, pk: int) -> HttpResponse:
     kept_until = event.kept_by_stripe_until
     return render(request, "console/event_detail.html", {
         "event": event,
+        "audit": _audit_table(request, selectors.audit_entries().filter(event=event)),
         "kept_until": kept_until,
         "kept_past": kept_until is not None and kept_until <= timezone.now(),
         "payload": selectors.event_payload_pretty(event),

@@ -165,6 +165,17 @@ def test_make_run_writes_a_git_ignored_env_file_that_the_settings_read(tmp_path)
     assert len(str(seen["SECRET_KEY"])) >= 50 and "insecure" not in str(seen["SECRET_KEY"])
     ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO, check=False)
     assert ignored.returncode == 0, ".env is not git-ignored"
+    assert env_file.stat().st_mode & 0o077 == 0, "the secret key is readable by others"
+
+
+def test_env_file_comments_after_a_value_are_not_part_of_it(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("DJANGO_HSTS_SECONDS=60  # a minute, for the demo\n"
+                        "DJANGO_SECRET_KEY='quoted # kept whole'\n")
+    seen = settings_of("SECURE_HSTS_SECONDS", "SECRET_KEY", DJANGO_ENV_FILE=str(env_file),
+                       DATABASE_URL=NOWHERE_DB)
+    assert seen["SECURE_HSTS_SECONDS"] == 60
+    assert seen["SECRET_KEY"] == "quoted # kept whole"
 
 
 def test_real_environment_variables_win_over_the_env_file(tmp_path):

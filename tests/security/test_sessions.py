@@ -102,9 +102,10 @@ def test_an_htmx_request_after_the_session_ended_sends_the_browser_to_login(inli
     assert response.headers["HX-Redirect"] == f"/login/?next={quote(shown, safe='')}"
 
     # A current URL that is not this site's is not carried over.
-    response = visitor.get("/payouts/", headers={"HX-Request": "true",
-                                                 "HX-Current-URL": "https://evil.example/x"})
-    assert response.headers["HX-Redirect"] == "/login/"
+    for elsewhere in ("https://evil.example/x", "//evil.example/x", "/\\evil.example/x"):
+        response = visitor.get("/payouts/", headers={"HX-Request": "true",
+                                                     "HX-Current-URL": elsewhere})
+        assert response.headers["HX-Redirect"] == "/login/", elsewhere
 
     # Without htmx, the usual redirect.
     response = visitor.get("/payouts/")
