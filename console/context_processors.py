@@ -3,14 +3,15 @@
 from typing import Any
 
 from django.http import HttpRequest
+from django.utils.functional import SimpleLazyObject
 
 from payouts import selectors
 
 
 def attention(request: HttpRequest) -> dict[str, Any]:
-    """Counted lazily: only pages that draw the navigation for a signed-in user pay."""
+    """Counted lazily, once per request: only pages that draw the navigation pay."""
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated or not user.has_perm(
             "payouts.view_webhookevent"):
         return {}
-    return {"attention": selectors.attention}
+    return {"attention": SimpleLazyObject(selectors.attention)}

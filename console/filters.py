@@ -82,14 +82,12 @@ class EventFilter(django_filters.FilterSet):
         if value.startswith("evt_"):
             return queryset.filter(stripe_event_id__startswith=value)
         if value.startswith("acct_"):
-            return queryset.filter(account__startswith=value)
+            return queryset.filter(account=value)  # a whole id: the (account, received) index
         if value.startswith(("po_", "resync_")):
             return queryset.filter(Q(stripe_object_id__startswith=value)
                                    | Q(stripe_event_id__startswith=value))
-        accounts = (Seller.objects.filter(name__icontains=value).exclude(stripe_account_id="")
-                    .values("stripe_account_id"))
-        return queryset.filter(Q(account__in=accounts) | Q(stripe_event_id__startswith=value)
-                               | Q(stripe_object_id__startswith=value))
+        accounts = Seller.objects.filter(name__icontains=value).values("stripe_account_id")
+        return queryset.filter(account__in=accounts)
 
 
 class TransactionLogFilter(django_filters.FilterSet):

@@ -32,8 +32,8 @@ def when(value: datetime | None) -> SafeString:
                        relative(value))
 
 
-def soon(value: datetime | None) -> SafeString:
-    """Relative first ("in 38 minutes"), the exact UTC time on hover: for what is coming."""
+def relative_time(value: datetime | None) -> SafeString:
+    """Relative only ("in 38 minutes", "3 minutes ago"), the exact UTC time on hover."""
     if value is None:
         return SafeString("—")
     return format_html('<time datetime="{}" title="{}">{}</time>', value.isoformat(),

@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import django_tables2 as tables
 from django.urls import reverse
@@ -45,7 +46,7 @@ def seller_link(name: str | None, account: str) -> str:
     """A seller, linked to its payouts; the platform when there is no connected account."""
     if not account:
         return mark_safe('<span class="muted">platform</span>')
-    url = f"{reverse('payout-list')}?q={account}"
+    url = f"{reverse('payout-list')}?{urlencode({'q': account})}"
     return format_html('<a href="{}" title="{}">{}</a>', url, account, name or account)
 
 
@@ -114,6 +115,11 @@ class EventTable(tables.Table):
                                     extra_context={"replayable": selectors.REPLAYABLE},
                                     orderable=False, verbose_name="Actions", empty_values=())
 
+    @classmethod
+    def for_attention(cls, queryset: Any) -> "EventTable":
+        """Needs attention's events: no selection, no attempt counts."""
+        return cls(queryset, exclude=["select", "attempt_rows"], orderable=False)
+
     class Meta:
         model = WebhookEvent
         fields = ["select", "stripe_event_id", "type", "status", "status_reason", "seller",
@@ -133,9 +139,9 @@ class EventTable(tables.Table):
         if not record.person_action:
             return badge
         verb = "dismissed" if record.person_action == "dismiss" else "replayed"
-        return format_html('{}<span class="by">{} by {} {} → {}</span>', badge, verb,
-                           record.person_name or "a deleted user", formats.soon(record.person_at),
-                           record.person_outcome)
+        who = record.person_name or "a deleted user"
+        return format_html('{}<span class="by">{} by {} {} → {}</span>', badge, verb, who,
+                           formats.relative_time(record.person_at), record.person_outcome)
 
     def render_status_reason(self, value: str, record: WebhookEvent) -> str:
         """Why; the last error when there is no reason; when a failed event is retried
@@ -143,7 +149,7 @@ class EventTable(tables.Table):
         why = value or record.last_error or "—"
         if record.status == WebhookEvent.Status.FAILED and record.next_attempt_at:
             return format_html('{}<span class="next">next retry {}</span>', why,
-                               formats.soon(record.next_attempt_at))
+                               formats.relative_time(record.next_attempt_at))
         kept_until = record.kept_by_stripe_until
         if record.status != WebhookEvent.Status.DEAD or kept_until is None:
             return why

@@ -7,6 +7,7 @@ a replay swaps its table row in place.
 
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import django_tables2 as tables
 import structlog
@@ -94,8 +95,7 @@ ATTENTION_ROWS = 20
 @permission_required("payouts.view_webhookevent", raise_exception=True)
 def attention_page(request: HtmxHttpRequest) -> HttpResponse:
     """Needs attention: held, dead and failed events, payouts to review, payouts stuck."""
-    events = EventTable(selectors.events_needing_a_person()[:ATTENTION_ROWS],
-                        exclude=["select", "attempt_rows"], orderable=False)
+    events = EventTable.for_attention(selectors.events_needing_a_person()[:ATTENTION_ROWS])
     RequestConfig(request, paginate=False).configure(events)
     stuck = PayoutTable(selectors.payouts_stuck().select_related("seller")
                         .order_by("arrival_date")[:ATTENTION_ROWS], orderable=False,
@@ -105,8 +105,9 @@ def attention_page(request: HtmxHttpRequest) -> HttpResponse:
                             attrs={"class": "table", "id": "review-table"})
     for table in (stuck, to_review):
         RequestConfig(request, paginate=False).configure(table)
+    counts = selectors.attention()
     return render(request, "console/attention.html", {
-        "counts": selectors.attention(), "events": events, "stuck": stuck,
+        "counts": counts, "attention": counts, "events": events, "stuck": stuck,
         "to_review": to_review, "rows": ATTENTION_ROWS,
         "approvals": selectors.pending_approvals(), "open_alerts": alerts.open_alerts(),
     })
@@ -216,7 +217,9 @@ def payout_resume_view(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def _event_table(request: HttpRequest, queryset: QuerySet[WebhookEvent]) -> EventTable:
-    table = EventTable(queryset)
+    """The events list's table; without checkboxes for those who may not replay."""
+    may_replay = request.user.has_perm("payouts.replay_webhookevent")
+    table = EventTable(queryset, exclude=() if may_replay else ("select",))
     configure_table(request, table)
     return table
 
@@ -251,7 +254,7 @@ def event_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "transaction_logs": event.transaction_logs.order_by("started_at"),
         "payout": selectors.payout_by_stripe_id(event.stripe_object_id),
         "pending": event.status in WebhookEvent.PENDING,
-        "settled": event.status not in (*WebhookEvent.PENDING, WebhookEvent.Status.DEAD),
+        "settled": event.status in WebhookEvent.SETTLED,
         "replayable": event.status in selectors.REPLAYABLE,
         "seller": Seller.objects.filter(stripe_account_id=event.account).first()
         if event.account else None,
@@ -271,13 +274,18 @@ def event_replay_view(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     if request.htmx:
         # The row, redrawn with who replayed it and the outcome; the message and the
         # counts (navigation badge, the list's toolbar) swapped out of band.
-        table = EventTable(selectors.event_list().filter(pk=event.pk))
+        # The row as the page it is on draws it (Needs attention shows fewer columns).
+        replayed = selectors.event_list().filter(pk=event.pk)
+        on_attention = urlsplit(request.POST.get("next", "")).path == reverse("attention")
+        table = (EventTable.for_attention(replayed) if on_attention
+                 else _event_table(request, replayed))
         RequestConfig(request, paginate=False).configure(table)  # cells see perms and csrf
+        counts = selectors.attention()
         return render(request, "console/_replayed_row.html", {
             "row": table.rows[0], "table": table, "replayed": outcome, "oob": True,
             "said": said, "level": OUTCOME_LEVEL.get(outcome.kind, "warning"),
-            "failed_count": selectors.failed_event_count(),
-            "held_count": selectors.held_event_count()})
+            "on_attention": on_attention, "attention": counts, "counts": counts,
+            "failed_count": counts.failed, "held_count": counts.held})
     messages.add_message(request, MESSAGE_LEVEL[OUTCOME_LEVEL.get(outcome.kind, "warning")], said)
     return HttpResponseRedirect(safe_next(request, reverse("event-detail", args=[pk])))
 

@@ -107,7 +107,9 @@ def event_list() -> QuerySet[WebhookEvent]:
 
 def _distinct(table: str, column: str, where: str = "TRUE") -> list[str]:
     """The distinct values of an indexed column, one index probe per value (a loose index
-    scan): milliseconds over millions of rows, where SELECT DISTINCT reads them all."""
+    scan): milliseconds over millions of rows, where SELECT DISTINCT reads them all.
+    ``table``, ``column`` and ``where`` are this module's own constants, never input."""
+    table, column = connection.ops.quote_name(table), connection.ops.quote_name(column)
     with connection.cursor() as cursor:
         cursor.execute(f"""
             WITH RECURSIVE v(value) AS (
@@ -144,7 +146,7 @@ def failed_event_count() -> int:
 
 def failure_codes_present() -> list[str]:
     """The failure codes payouts have, for the payouts list's filter."""
-    return _distinct(Payout._meta.db_table, "failure_code", "failure_code <> ''")
+    return _distinct(Payout._meta.db_table, "failure_code", "\"failure_code\" <> ''")
 
 
 def held_event_count() -> int:
@@ -167,8 +169,7 @@ def audit_entries() -> QuerySet[AuditEntry]:
 
 def audit_actor_names() -> list[str]:
     """Everyone who appears in the audit trail (kept by name if their user is deleted)."""
-    return list(AuditEntry.objects.order_by("actor_name")
-                .values_list("actor_name", flat=True).distinct())
+    return _distinct(AuditEntry._meta.db_table, "actor_name")
 
 
 # --- transaction logs ----------------------------------------------------------------
@@ -216,23 +217,8 @@ def transaction_stats(since: datetime) -> list[OperationStats]:
 
 
 def transaction_operations() -> list[str]:
-    """The distinct operation names, by a loose index scan: one index probe per name
-    instead of reading every row (PostgreSQL has no skip scan for DISTINCT)."""
-    table = TransactionLog._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            WITH RECURSIVE ops AS (
-                (SELECT operation FROM {table} ORDER BY operation LIMIT 1)
-                UNION ALL
-                SELECT (SELECT operation FROM {table} WHERE operation > ops.operation
-                        ORDER BY operation LIMIT 1)
-                FROM ops WHERE ops.operation IS NOT NULL
-            )
-            SELECT operation FROM ops WHERE operation IS NOT NULL
-            """
-        )
-        return [row[0] for row in cursor.fetchall()]
+    """The distinct operation names, for the transaction logs' filter."""
+    return _distinct(TransactionLog._meta.db_table, "operation")
 
 
 # --- health ----------------------------------------------------------------------------

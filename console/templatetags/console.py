@@ -55,5 +55,5 @@ def when(value: datetime | None) -> SafeString:
 
 
 @register.filter
-def soon(value: datetime | None) -> SafeString:
-    return formats.soon(value)
+def relative_time(value: datetime | None) -> SafeString:
+    return formats.relative_time(value)

@@ -31,6 +31,8 @@ class WebhookEvent(models.Model):
 
     # Statuses the worker picks up when due.
     PENDING = (Status.RECEIVED, Status.FAILED)
+    # Done with: applied, or nothing to apply.
+    SETTLED = (Status.PROCESSED, Status.SKIPPED, Status.IGNORED)
     # Stripe's Events API keeps an event this long after it was created.
     KEPT_BY_STRIPE = timedelta(days=30)
 

@@ -33,8 +33,12 @@ function syncSelectionButtons() {
     const name = button.dataset.needsSelection;
     const count = document.querySelectorAll(`input[name="${name}"]:checked`).length;
     button.disabled = count === 0;
-    if (!button.dataset.confirmTemplate) button.dataset.confirmTemplate = button.dataset.confirm;
-    button.dataset.confirm = button.dataset.confirmTemplate.replace("{count}", count);
+    if (button.dataset.confirm !== undefined && button.dataset.confirmTemplate === undefined) {
+      button.dataset.confirmTemplate = button.dataset.confirm;
+    }
+    if (button.dataset.confirmTemplate !== undefined) {
+      button.dataset.confirm = button.dataset.confirmTemplate.replace("{count}", count);
+    }
     button.textContent = count ? `${button.dataset.label || "Replay selected"} (${count})`
                                : (button.dataset.label || "Replay selected");
   }

@@ -29,8 +29,12 @@ def shot(page: Page, name: str) -> None:
 
 
 def badge_count(page: Page) -> int:
-    badge = page.locator("#nav-attention .count-badge")
-    return int(badge.inner_text()) if badge.count() else 0
+    badge = page.locator("#attention-badge")
+    return int(badge.inner_text().split()[0]) if badge.is_visible() else 0
+
+
+def count_is(n: int) -> re.Pattern[str]:
+    return re.compile(rf"^{n}\b")
 
 
 def test_each_role_lands_where_its_work_is(demo, page: Page, new_page) -> None:
@@ -38,7 +42,7 @@ def test_each_role_lands_where_its_work_is(demo, page: Page, new_page) -> None:
     expect(page).to_have_url(re.compile(r"/attention/$"))
     counts = selectors.attention()
     assert counts.total > 0
-    expect(page.locator("#nav-attention .count-badge")).to_have_text(str(counts.total))
+    expect(page.locator("#attention-badge")).to_have_text(count_is(counts.total))
     expect(page.locator("#attention-counts")).to_contain_text(f"{counts.held} held")
     expect(page.locator("#attention-counts")).to_contain_text(f"{counts.dead} dead")
     # held first, then dead, then failed
@@ -72,7 +76,7 @@ def test_support_finds_a_sellers_failed_event_and_the_replay_stays_on_its_row(
     # the event no longer failed, and its payout (past its arrival date) no longer stuck
     after = selectors.attention().total
     assert after < before
-    expect(page.locator("#nav-attention .count-badge")).to_have_text(str(after))
+    expect(page.locator("#attention-badge")).to_have_text(count_is(after))
     expect(row.get_by_role("button", name=f"Replay {REPLAY_ME}")).to_have_count(0)
     shot(page, "events-after-replay")
 
@@ -82,6 +86,19 @@ def test_support_finds_a_sellers_failed_event_and_the_replay_stays_on_its_row(
     event = WebhookEvent.objects.get(stripe_event_id=REPLAY_ME)
     assert event.status == WebhookEvent.Status.PROCESSED
     assert Payout.objects.get(stripe_payout_id=event.stripe_object_id).status == "paid"
+
+
+def test_a_replay_on_needs_attention_redraws_its_row_and_counts_in_place(demo, page: Page):
+    login(page, "support")
+    counts = selectors.attention()
+    row = page.locator("#events-table tbody tr", has_text=REPLAY_ME)
+    cells = row.locator("td").count()
+    row.get_by_role("button", name=f"Replay {REPLAY_ME}").click()
+    expect(row.locator(".by")).to_contain_text("replayed by support")
+    assert row.locator("td").count() == cells
+    assert page.locator("#events-table thead th").count() == cells
+    expect(page.locator("#attention-counts")).to_contain_text(f"{counts.failed - 1} failed")
+    expect(page.locator("#attention-badge")).to_have_text(count_is(selectors.attention().total))
 
 
 def test_bulk_replay_needs_a_selection_and_says_how_many(demo, page: Page) -> None:
@@ -96,6 +113,9 @@ def test_bulk_replay_needs_a_selection_and_says_how_many(demo, page: Page) -> No
     expect(button).to_be_enabled()
     expect(button).to_have_text("Replay selected (2)")
     assert button.get_attribute("data-confirm") == "Replay the 2 selected events?"
+    preview = page.get_by_role("button", name=re.compile("^Preview selected"))
+    expect(preview).to_have_text("Preview selected (2)")
+    assert preview.get_attribute("data-confirm") is None  # previews change nothing: no question
     page.once("dialog", lambda dialog: dialog.accept())
     button.click()
     # a job of exactly those two, run by the workers; its page shows the progress

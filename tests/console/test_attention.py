@@ -46,7 +46,8 @@ def test_needs_attention_lists_what_waits_for_a_person_and_the_badge_counts_it(d
     counts = selectors.attention()
     assert counts.held and counts.dead and counts.failed and counts.to_review and counts.stuck
     page = client_of(person("sam", "Support")).get(reverse("attention")).content.decode()
-    assert f'aria-label="{counts.total} items">{counts.total}</span>' in page
+    assert '<span id="attention-badge" class="count-badge"' in page  # shown, not hidden
+    assert f'>{counts.total}<span class="visually-hidden"> waiting for a person' in page
     for event in WebhookEvent.objects.filter(status__in=["held", "dead", "failed"]):
         assert event.stripe_event_id in page
     held_at = page.index("evt_1DemoHeldAmount01")
@@ -78,4 +79,4 @@ def test_a_bulk_replay_waiting_for_approval_shows_and_counts(demo, settings):
 def test_an_empty_ledger_says_nothing_needs_a_person(transactional_db):
     page = client_of(person("sam", "Support")).get(reverse("attention")).content.decode()
     assert 'id="all-clear"' in page
-    assert "count-badge" not in page
+    assert '<span id="attention-badge" hidden' in page
