@@ -8,11 +8,11 @@ the event's timeline as failed, and the event is retried by the inbox's policy.
 Processing itself is idempotent, so a lease that runs out while its worker is
 still busy costs a second attempt, never a second effect.
 
-With ``STRIPE_API_KEY`` set, a worker also runs the scheduled jobs (sync_events,
-reconcile_payouts --apply) when they are due and it gets their lease
-(``payouts.services.jobs``), in a thread beside the event loop. Bulk replays asked for
-in the console run the same way, one at a time per worker, in a thread of their own
-(``payouts.services.bulk_replay``).
+A worker also runs the scheduled jobs when they are due and it gets their lease
+(``payouts.services.jobs``), in a thread beside the event loop: ``prune`` (retention)
+daily, and with ``STRIPE_API_KEY`` set sync_events and reconcile_payouts --apply. Bulk
+replays asked for in the console run the same way, one at a time per worker, in a thread
+of their own (``payouts.services.bulk_replay``).
 """
 
 from __future__ import annotations
