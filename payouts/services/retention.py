@@ -59,9 +59,7 @@ WHERE e.received_at >= %(after)s AND e.received_at < %(cutoff)s
 # Each batch answers: rows deleted, the newest date it reached, attempts deleted.
 TXLOG_BATCH_SQL = f"""
 WITH gone AS (
-    DELETE FROM {TXLOG} WHERE id IN (
-        SELECT id FROM {TXLOG} WHERE started_at >= %(after)s AND started_at < %(cutoff)s
-        ORDER BY started_at LIMIT %(batch)s)
+    DELETE FROM {TXLOG} WHERE id IN ({TXLOG_OLD} ORDER BY started_at LIMIT %(batch)s)
     RETURNING started_at)
 SELECT count(*), max(started_at), 0 FROM gone"""
 # The attempts deleted too (no database constraint cascades them), and transaction logs'
