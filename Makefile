@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 CHROMIUM := /usr/bin/chromium
+PGBOUNCER := /usr/sbin/pgbouncer
 
-.PHONY: setup run test lint bench soak soak-sync clean-db chromium
+.PHONY: setup run test lint bench soak soak-sync soak-pgbouncer clean-db chromium pgbouncer
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -49,6 +50,16 @@ chromium:
 	    echo "The browser tests need Debian's chromium: sudo apt-get install chromium"; exit 1; \
 	  fi; }
 
+# The tests behind PgBouncer (TEST_PGBOUNCER=1, .ci/run) and soak-pgbouncer run Debian's
+# pgbouncer, started by them on a free port; the package's own service is not used.
+pgbouncer:
+	@test -x $(PGBOUNCER) || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer; \
+	  else \
+	    echo "This needs Debian's pgbouncer: sudo apt-get install pgbouncer"; exit 1; \
+	  fi; }
+
 # Figures on this machine, printed and written to var/bench/ (docs/benchmarks.md).
 bench: setup
 	$(BIN)/python -m bench
@@ -62,6 +73,11 @@ soak: setup
 # --apply must bring every payout to Stripe's state, and a second run must change nothing.
 soak-sync: setup
 	$(BIN)/python -m bench.soak --drop 0.2
+
+# The soak scaled out: two gunicorn nodes and three workers, all through PgBouncer in
+# transaction pooling, with the database restarted half-way (docs/deploy.md).
+soak-pgbouncer: setup pgbouncer
+	$(BIN)/python -m bench.soak --pgbouncer
 
 lint: setup
 	$(BIN)/ruff check .

@@ -342,6 +342,21 @@ def load_history(cur: Any, events: tuple[int, int], *, payouts_first: int, per_p
     sync_sequences(cur)
 
 
+def load_old_transaction_logs(cur: Any, count: int, *, age_days: int) -> None:
+    """``count`` transaction logs from ``age_days`` ago, one a millisecond: what
+    ``manage.py prune`` deletes (the bench's prune section)."""
+    insert_select(cur, TXLOG, {
+        "operation": "'webhook.process_event'", "isolation_level": "'serializable'",
+        "read_only": "false", "attempts": "1", "sqlstates": "ARRAY[]::varchar(5)[]",
+        "duration_ms": "5 + mod(g, 97) / 4.0", "outcome": "'committed'", "error": "''",
+        "started_at": "now() - make_interval(days => %s) + g * interval '1 millisecond'",
+        "context": "'{}'::jsonb", "event_id": "NULL", "payout_id": "NULL",
+    }, "generate_series(1, %s) AS g", [age_days, count])
+    sync_sequences(cur)
+    cur.execute(f"VACUUM (ANALYZE) {TXLOG}")
+    cur.execute("CHECKPOINT")  # the load's dirty pages written now, not while measuring
+
+
 def analyze(cur: Any) -> None:
     for table in (SELLER, PAYOUT, TXN, TRANSFER, ITEM, EVENT, ATTEMPT, TXLOG):
         cur.execute(f"VACUUM (ANALYZE) {table}")

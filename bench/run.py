@@ -17,6 +17,9 @@ port), one run, every figure side by side:
 8. flood      valid deliveries (open loop) alone, then while 2 000 junk deliveries (bad
               signatures, 64 connections) arrive at once: their p50/p99 during the
               flood against the quiet run; also with one write per refusal (before)
+9. prune      5 M transaction logs 60 days old (SQL generate_series); valid deliveries
+              (open loop) alone, then while `manage.py prune` deletes them in batches:
+              their p50/p99 during the prune against the quiet run (goal: within 2x)
 
 Prints a table and writes ``var/bench/results.json``. Everything it starts
 (PostgreSQL, gunicorn, workers, the load generator) is stopped at the end, also
@@ -65,7 +68,7 @@ from bench.common import (
     write_json,
 )
 
-SECTIONS = ["limit", "e2e", "ingest", "hot", "console", "replay", "failed", "flood"]
+SECTIONS = ["limit", "e2e", "ingest", "hot", "console", "replay", "failed", "flood", "prune"]
 # gunicorn settings compared on 2 cores (class, workers, threads); the best runs the rest.
 # Compared on the same load; the main run uses the fastest that keeps connections alive.
 GUNICORN_SETTINGS = [("gthread", 4, 2), ("gthread", 2, 8), ("sync", 4, 1)]
@@ -129,6 +132,8 @@ class Scale:
     flood_junk: int  # junk deliveries sent at once
     flood_rate: float  # valid deliveries per second (open loop) beside the flood
     flood_s: float  # how long valid deliveries are sent in each flood run
+    prune_txlogs: int  # old transaction logs for prune to delete
+    prune_load_s: float  # how long valid deliveries are sent in each prune run
 
     @staticmethod
     def full() -> Scale:
@@ -137,7 +142,8 @@ class Scale:
                      ingest_events=6_000, hot_events=1_500, console_payouts=1_000_000,
                      console_items=5, console_events=2_000_000, replay_events=10_000,
                      failed_transactions=10_000, page_repeats=20, settle_s=30, drain_max_s=90,
-                     flood_junk=2_000, flood_rate=40, flood_s=15)
+                     flood_junk=2_000, flood_rate=40, flood_s=15, prune_txlogs=5_000_000,
+                     prune_load_s=150)
 
     @staticmethod
     def quick() -> Scale:
@@ -146,7 +152,8 @@ class Scale:
                      ingest_events=500, hot_events=200, console_payouts=10_000,
                      console_items=5, console_events=20_000, replay_events=100,
                      failed_transactions=1_000, page_repeats=5, settle_s=20, drain_max_s=30,
-                     flood_junk=500, flood_rate=40, flood_s=8)
+                     flood_junk=500, flood_rate=40, flood_s=8, prune_txlogs=200_000,
+                     prune_load_s=15)
 
 
 @dataclass
@@ -887,6 +894,82 @@ class Bench:
                 f"{fmt(v['p50_ms'])} / p99 {fmt(v['p99_ms'])} ms")
         return figures
 
+    # 9. retention: prune beside deliveries ----------------------------------------------
+
+    def prune(self) -> dict[str, Any]:
+        """Valid deliveries (inline, open loop) alone, then while ``manage.py prune`` deletes
+        ``prune_txlogs`` old transaction logs in batches of 5 000: their p50/p99 while it
+        runs against the quiet run."""
+        s = self.scale
+        setting = self.best_setting()
+        say(f"   {describe(setting)}; {s.prune_txlogs:,} transaction logs 60 days old; valid "
+            f"deliveries at {s.flood_rate:.0f}/s for up to {s.prune_load_s:.0f} s, open loop ...")
+        started = time.perf_counter()
+        with self.loader() as cur:
+            data.load_old_transaction_logs(cur, s.prune_txlogs, age_days=60)
+        built_s = time.perf_counter() - started
+        say(f"   built in {built_s:.0f} s")
+        quiet = self.prune_run("quiet", setting, prune=False)
+        during = self.prune_run("prune", setting, prune=True)
+        q, d = quiet["valid"], during["during_prune"]
+        ratio = {k: d[f"{k}_ms"] / q[f"{k}_ms"] if d.get(f"{k}_ms") and q.get(f"{k}_ms")
+                 else None for k in ("p50", "p99")}
+        say(f"   while pruning: x{fmt(ratio['p50'], 2)} p50, x{fmt(ratio['p99'], 2)} p99 of the "
+            f"quiet figures (goal: p99 within x2)")
+        return {"setting": describe(setting), "rate": s.flood_rate, "txlogs": s.prune_txlogs,
+                "built_s": built_s, "quiet": quiet, "prune": during, "ratio": ratio}
+
+    def prune_run(self, name: str, setting: tuple[str, int, int], *,
+                  prune: bool) -> dict[str, Any]:
+        s = self.scale
+        seconds = s.prune_load_s if prune else min(s.prune_load_s, 30)
+        payouts = self.fresh_payouts(int(s.flood_rate * seconds))
+        plan = self.payout_plan(payouts, self.new_prefix("P"))
+        figures: dict[str, Any] = {}
+        with self.stack(mode="inline", setting=setting) as port:
+            self.start_load(f"prune-{name}", port, plan, connections=32, rate=s.flood_rate,
+                            max_s=seconds * 4 + 30)
+            if prune:
+                time.sleep(2 + seconds / 10)  # the valid deliveries' clock is running
+                old = self.old_txlogs()
+                begin = time.time()
+                process = self.procs.start("prune", [PYTHON, "manage.py", "prune"], self.env())
+                code = process.wait(3600)
+                end = time.time()
+                self.procs.stop("prune")
+                counts = self.db.execute("SELECT counts FROM payouts_jobrun WHERE job = 'prune' "
+                                         "ORDER BY id DESC LIMIT 1")[0][0]
+                figures["prune"] = {"exit": code, "seconds": end - begin,
+                                    "old_before": old, "old_after": self.old_txlogs(),
+                                    "deleted": counts["transaction_logs"],
+                                    "batches": counts["batches"],
+                                    "rows_per_s": counts["transaction_logs"] / (end - begin)}
+            valid = self.load_result(f"prune-{name}", seconds * 4 + 30)
+        figures["valid"] = {**self.load_summary(valid), **self.latency(valid)}
+        v = figures["valid"]
+        if prune:
+            base = valid["clock_started"]
+            during = [lat for at, lat in valid["timeline"] if begin <= base + at <= end]
+            figures["during_prune"] = {"n": len(during),
+                                       **self.latency({"latencies_s": during})}
+            # the deliveries' last send: did they cover the whole prune?
+            figures["load_outlasted_prune"] = base + max(
+                (at for at, _ in valid["timeline"]), default=0) >= end
+            p, d = figures["prune"], figures["during_prune"]
+            say(f"   prune: {fmt(p['deleted'])} deleted in {fmt(p['batches'])} batches, "
+                f"{fmt(p['seconds'], 1)} s ({fmt(p['rows_per_s'])} rows/s), exit {p['exit']}; "
+                f"{d['n']} valid deliveries meanwhile: p50 {fmt(d['p50_ms'])} / p99 "
+                f"{fmt(d['p99_ms'])} ms" + ("" if figures["load_outlasted_prune"] else
+                                           " (the deliveries ended before the prune)"))
+        else:
+            say(f"   valid deliveries alone: {fmt(v['acknowledged'])} acknowledged, p50 "
+                f"{fmt(v['p50_ms'])} / p99 {fmt(v['p99_ms'])} ms")
+        return figures
+
+    def old_txlogs(self) -> int:
+        return int(self.db.scalar(f"SELECT count(*) FROM {data.TXLOG} "
+                                  "WHERE started_at < now() - interval '30 days'"))
+
     # --- report ---------------------------------------------------------------------------
 
     def report(self, started_at: datetime, seconds: float) -> dict[str, Any]:
@@ -984,6 +1067,16 @@ class Bench:
                              f"p99 {fmt(d['p99_ms'])} ms (x{fmt(r['p99'], 2)}); junk "
                              f"{fmt(run['junk']['per_s'])}/s; "
                              f"{fmt(run['rejection_row_writes'])} row writes", ""])
+        pr = f.get("prune", {})
+        if pr.get("prune", {}).get("during_prune"):
+            q, d, r = pr["quiet"]["valid"], pr["prune"]["during_prune"], pr["ratio"]
+            p = pr["prune"]["prune"]
+            rows.append([f"prune: valid deliveries alone ({pr['rate']:.0f}/s)",
+                         f"p50 {fmt(q['p50_ms'])} ms", f"p99 {fmt(q['p99_ms'])} ms", ""])
+            rows.append([f"prune: valid while {fmt(p['deleted'])} logs are deleted",
+                         f"p50 {fmt(d['p50_ms'])} ms (x{fmt(r['p50'], 2)})",
+                         f"p99 {fmt(d['p99_ms'])} ms (x{fmt(r['p99'], 2)}); prune "
+                         f"{fmt(p['seconds'], 1)} s, {fmt(p['rows_per_s'])} rows/s", ""])
         for name, sec in self.sections.items():
             if sec.error:
                 rows.append([f"{name}: FAILED", "", sec.error.strip().splitlines()[-1][:80], ""])
@@ -1025,6 +1118,7 @@ def main(argv: list[str]) -> int:
         bench.run_section("replay", bench.replay)
         bench.run_section("failed", bench.failed)
         bench.run_section("flood", bench.flood)
+        bench.run_section("prune", bench.prune)
     finally:
         bench.procs.stop_all()
         with contextlib.suppress(Exception):

@@ -1,4 +1,4 @@
-"""``python -m bench.soak [--quick] [--events N] [--rate R] [--drop F [--silent F]]``:
+"""``python -m bench.soak [--quick] [--events N] [--rate R] [--pgbouncer | --drop F [--silent F]]``:
 nothing acknowledged is lost.
 
 Events go at a steady rate through gunicorn in deferred mode to two
@@ -13,6 +13,11 @@ At the end it prints acknowledged, stored, applied exactly once, lost (must be 0
 duplicated effects (must be 0), and checks the ledger: each payout at the status of
 its newest event, ``payed_out`` false exactly for the transactions of failed payouts,
 transfers failed / paid with their payout. Exits 1 if anything does not hold.
+
+With ``--pgbouncer`` (``make soak-pgbouncer``), scaled out as docs/deploy.md describes:
+two gunicorn nodes on their own ports, each sent half of the deliveries, and three
+workers, every connection through one PgBouncer in transaction pooling (Debian's
+pgbouncer, ``tests/pgbouncer.py``); the same restart, kills and checks.
 
 With ``--drop F`` (``make soak-sync``), Stripe is the source of truth: a fake Stripe
 (``tests/fakestripe.py``, in this process on 127.0.0.1) holds every payout in the
@@ -68,6 +73,7 @@ from bench.load import build_body
 
 if TYPE_CHECKING:
     from tests.fakestripe import FakeStripe
+    from tests.pgbouncer import PgBouncer
 
 # Deferred mode; a killed worker's claim comes back after the lease; failures retry soon.
 SOAK_ENV = {"WEBHOOK_PROCESSING": "deferred", "WEBHOOK_LEASE_SECONDS": "5",
@@ -126,6 +132,9 @@ def deliveries(distinct: list[list[Any]], rng: random.Random, *, duplicate_share
 
 
 class Soak:
+    nodes = 1  # gunicorn nodes, each on its own port, each with its own load generator
+    workers = 2
+
     def __init__(self, events: int, rate: float, *, restart_down_s: float,
                  kill_every: tuple[float, float]) -> None:
         self.events = events
@@ -149,10 +158,14 @@ class Soak:
         say(f"   [{time.strftime('%H:%M:%S')}] {text}")
         self.log.append(text)
 
+    def app_env(self) -> dict[str, str]:
+        """The environment of gunicorn, the workers and manage.py."""
+        return child_env(self.db.url, **SOAK_ENV)
+
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
         self.db.start(fresh=True)
-        env = child_env(self.db.url, **SOAK_ENV)
+        env = self.app_env()
         manage(env, "migrate", "--noinput")
         conn = data.connect_loader(self.db.url)
         with conn.cursor() as cur:
@@ -165,31 +178,35 @@ class Soak:
         conn.close()
         self.announce(plan, owner, payouts)
 
-        port = free_port()
-        server = self.procs.start("soak-gunicorn", gunicorn_argv(
-            port, workers=2, threads=8, worker_class="gthread"), env)
-        wait_http(port, process=server)
-        for i in range(2):
+        ports = [free_port() for _ in range(self.nodes)]
+        for node, port in enumerate(ports):
+            server = self.procs.start(f"soak-gunicorn-{node}", gunicorn_argv(
+                port, workers=2, threads=8, worker_class="gthread"), env)
+            wait_http(port, process=server)
+        for i in range(self.workers):
             self.start_worker(i, env)
 
         folder = VAR / "load"
         folder.mkdir(parents=True, exist_ok=True)
-        plan_path, spec_path, out_path = (folder / f"soak.{k}.json"
-                                          for k in ("plan", "spec", "result"))
-        plan_path.write_text(json.dumps(plan))
         load_s = len(plan) / self.rate
-        spec_path.write_text(json.dumps({
-            "port": port, "secret": SECRET, "plan": str(plan_path), "connections": 32,
-            "rate": self.rate, "max_seconds": load_s * 2 + 120, "resend": True,
-            "sample_every": 1}))
-        out_path.unlink(missing_ok=True)
-        load = self.procs.start("soak-load", [PYTHON, "-m", "bench.load", str(spec_path),
-                                              str(out_path)], env)
+        loads, outs = [], []
+        for node, port in enumerate(ports):  # each node its share of the deliveries
+            plan_path, spec_path, out_path = (folder / f"soak-{node}.{k}.json"
+                                              for k in ("plan", "spec", "result"))
+            plan_path.write_text(json.dumps(plan[node::self.nodes]))
+            spec_path.write_text(json.dumps({
+                "port": port, "secret": SECRET, "plan": str(plan_path),
+                "connections": 32 // self.nodes, "rate": self.rate / self.nodes,
+                "max_seconds": load_s * 2 + 120, "resend": True, "sample_every": 1}))
+            out_path.unlink(missing_ok=True)
+            outs.append(out_path)
+            loads.append(self.procs.start(f"soak-load-{node}", [
+                PYTHON, "-m", "bench.load", str(spec_path), str(out_path)], env))
         load_started = time.perf_counter()
         restart_at = load_started + load_s / 2
         next_kill = load_started + self.rng.uniform(*self.kill_every)
         victim = 0
-        while load.poll() is None:
+        while any(load.poll() is None for load in loads):
             now = time.perf_counter()
             if now > load_started + load_s * 2 + 300:
                 raise RuntimeError("the load generator did not finish in time")
@@ -202,15 +219,16 @@ class Soak:
                 self.procs.kill(f"soak-worker-{victim}")
                 self.kills += 1
                 self.start_worker(victim, env)
-                victim = 1 - victim
+                victim = (victim + 1) % self.workers
                 next_kill = now + self.rng.uniform(*self.kill_every)
             time.sleep(0.05)
         self.note(f"load done in {time.perf_counter() - load_started:.0f} s; "
                   f"{self.kills} workers killed; waiting for the workers to settle everything")
-        self.procs.stop("soak-load")
-        if not out_path.exists():
-            raise RuntimeError(f"the load generator wrote no result; see {LOGS}")
-        result = json.loads(out_path.read_text())
+        for node in range(self.nodes):
+            self.procs.stop(f"soak-load-{node}")
+        if not all(out.exists() for out in outs):
+            raise RuntimeError(f"a load generator wrote no result; see {LOGS}")
+        result = merged([json.loads(out.read_text()) for out in outs])
         settled_s = self.wait_settled(timeout=max(120.0, self.events / 20))
         self.note(f"settled {settled_s:.0f} s after the load")
         figures = self.after_load(env, result, owner, payouts, plan)
@@ -346,6 +364,68 @@ class Soak:
             and figures["transfers_wrong"] == 0 and len(acked) == len(owner)
             and status_counts.get("held", 0) == 0)
         return figures
+
+
+def merged(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The load generators' results as one (what the checks read)."""
+    if len(results) == 1:
+        return results[0]
+    out: dict[str, Any] = {"sent": 0, "acked_ids": [], "unacked_ids": [], "errors": Counter(),
+                           "http_status": Counter()}
+    for result in results:
+        out["sent"] += result["sent"]
+        out["acked_ids"] += result["acked_ids"]
+        out["unacked_ids"] += result.get("unacked_ids", [])
+        out["errors"].update(result.get("errors", {}))
+        out["http_status"].update(result["http_status"])
+    return {**out, "errors": dict(out["errors"]), "http_status": dict(out["http_status"])}
+
+
+class PgBouncerSoak(Soak):
+    """Scaled out (``--pgbouncer``, docs/deploy.md): two gunicorn nodes on their own ports,
+    each sent half of the deliveries, and three workers, every connection through one
+    PgBouncer in transaction pooling in front of the server; the server restarted
+    half-way as in the plain soak (PgBouncer stays up and reconnects)."""
+
+    nodes = 2
+    workers = 3
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bouncer: PgBouncer | None = None
+
+    def app_env(self) -> dict[str, str]:
+        from console.embedded_db import SUPERUSER
+        from tests.pgbouncer import PgBouncer
+
+        self.bouncer = PgBouncer("127.0.0.1", self.db.port, SUPERUSER).start()
+        return child_env(self.bouncer.url(self.db.database), DATABASE_POOL_MODE="transaction",
+                         **SOAK_ENV)
+
+    def announce(self, plan: list[list[Any]], owner: dict[str, str],
+                 payouts: data.Payouts) -> None:
+        say(f"soak behind PgBouncer (transaction pooling): {self.events:,} events "
+            f"({len(plan) - self.events:,} more as duplicates) for {payouts.count:,} payouts "
+            f"at {self.rate:.0f}/s over {self.nodes} gunicorn nodes; deferred mode, "
+            f"{self.workers} workers")
+
+    def after_load(self, env: dict[str, str], result: dict[str, Any], owner: dict[str, str],
+                   payouts: data.Payouts, plan: list[list[Any]]) -> dict[str, Any]:
+        figures = super().after_load(env, result, owner, payouts, plan)
+        assert self.bouncer is not None
+        figures["pgbouncer"] = {"pools": [
+            {k: str(v) for k, v in pool.items()} for pool in self.bouncer.admin("SHOW POOLS")
+            if pool["database"] == self.db.database],
+            "stats": [{k: str(v) for k, v in row.items()}
+                      for row in self.bouncer.admin("SHOW STATS")
+                      if row["database"] == self.db.database]}
+        figures["nodes"], figures["workers"] = self.nodes, self.workers
+        return figures
+
+    def stop(self) -> None:
+        super().stop()
+        if self.bouncer is not None:
+            self.bouncer.stop()
 
 
 # --- Stripe as the source of truth (``--drop``) ---------------------------------------------
@@ -792,6 +872,14 @@ def report(figures: dict[str, Any]) -> str:
         ["settled after the load", f"{figures['settle_s']:.0f} s"],
         ["invariants", "HOLD" if figures["invariants_hold"] else "BROKEN"],
     ]
+    if figures.get("nodes"):
+        pool = (figures["pgbouncer"]["pools"] or [{}])[0]
+        stats = (figures["pgbouncer"]["stats"] or [{}])[0]
+        rows[:0] = [["topology", f"{figures['nodes']} gunicorn nodes, {figures['workers']} "
+                                 "workers, PgBouncer in transaction pooling"],
+                    ["PgBouncer at the end", f"{pool.get('cl_active', '?')} clients on "
+                     f"{int(pool.get('sv_active', 0)) + int(pool.get('sv_idle', 0))} server "
+                     f"connections; {int(stats.get('total_xact_count', 0)):,} transactions"]]
     return table(rows, ["soak", "value"])
 
 
@@ -809,15 +897,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--silent", type=float, default=0.02, metavar="SHARE",
                         help="with --drop: this share of the payouts changes at Stripe with no "
                              "event listed or delivered (default 0.02)")
+    parser.add_argument("--pgbouncer", action="store_true",
+                        help="scaled out: 2 gunicorn nodes and 3 workers, all through PgBouncer "
+                             "in transaction pooling (make soak-pgbouncer; docs/deploy.md)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default var/bench/soak.json (soak-sync.json with --drop)")
+                        help="default var/bench/soak.json (soak-sync.json with --drop, "
+                             "soak-pgbouncer.json with --pgbouncer)")
     args = parser.parse_args(argv)
     stripe = args.drop is not None
+    if stripe and args.pgbouncer:
+        parser.error("--pgbouncer and --drop are separate soaks: run one at a time")
     if stripe and not (0 <= args.drop < 1 and 0 <= args.silent < 1):
         parser.error("--drop and --silent are shares: 0 to below 1")
     events = args.events or (1_000 if args.quick else 3_000 if stripe else 10_000)
     rate = args.rate or (50.0 if args.quick else 60.0)
-    out = args.out or VAR / ("soak-sync.json" if stripe else "soak.json")
+    out = args.out or VAR / ("soak-sync.json" if stripe
+                             else "soak-pgbouncer.json" if args.pgbouncer else "soak.json")
     install_signal_handlers()
     import structlog
 
@@ -827,7 +922,8 @@ def main(argv: list[str]) -> int:
     kill_every = (1.5, 3.0) if args.quick else (2.0, 5.0)
     soak = (StripeSoak(events, rate, drop=args.drop, silent=args.silent, restart_down_s=down_s,
                        kill_every=kill_every) if stripe
-            else Soak(events, rate, restart_down_s=down_s, kill_every=kill_every))
+            else (PgBouncerSoak if args.pgbouncer else Soak)(
+                events, rate, restart_down_s=down_s, kill_every=kill_every))
     figures: dict[str, Any] = {}
     try:
         figures = soak.run()

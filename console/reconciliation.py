@@ -29,6 +29,9 @@ COUNT_WORDS = {
                       ("waiting", "waiting"), ("unchanged", "unchanged"),
                       ("malformed", "malformed"),
                       ("errors", "account not listed|accounts not listed")],
+    Job.PRUNE: [("transaction_logs", "transaction log|transaction logs"),
+                ("events", "event|events"), ("attempts", "attempt|attempts"),
+                ("batches", "batch|batches")],
 }
 
 

@@ -192,6 +192,28 @@ if _metrics_dir:  # prometheus-client writes there from the first count: it must
         raise ImproperlyConfigured(f"PROMETHEUS_MULTIPROC_DIR {_metrics_dir!r} cannot be "
                                    f"created: {exc}") from exc
 
+
+def env_days(name: str, *, minimum: int, why: str) -> int | None:
+    """A whole number of days, at least ``minimum``; None when unset."""
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < minimum:
+        raise ImproperlyConfigured(f"{name} must be a whole number of days, at least "
+                                   f"{minimum} ({why}), not {value!r}")
+    return int(value)
+
+
+# Retention (payouts/services/retention.py: `manage.py prune` and a worker's daily job).
+# Transaction logs are diagnostics: kept RETENTION_TXLOG_DAYS. Settled events are evidence:
+# kept forever unless RETENTION_EVENT_DAYS is set, and then at least 31 days, since Stripe
+# lists events for 30 and sync_events would store a pruned one again as missed.
+RETENTION_TXLOG_DAYS = env_days("RETENTION_TXLOG_DAYS", minimum=1,
+                                why="a day of logs at least") or 30
+RETENTION_EVENT_DAYS = env_days("RETENTION_EVENT_DAYS", minimum=31,
+                                why="Stripe lists events for 30 days, and sync_events would "
+                                    "store a pruned one again")
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -270,6 +292,15 @@ else:
             "CONN_HEALTH_CHECKS": True,
         }
     }
+# Behind PgBouncer in transaction pooling (docs/deploy.md), consecutive transactions of
+# one connection may run on different server sessions: no server-side cursors (they live
+# in the session that declared them). The code keeps no other session state.
+DATABASE_POOL_MODE = os.environ.get("DATABASE_POOL_MODE", "").strip() or "session"
+if DATABASE_POOL_MODE not in {"session", "transaction"}:
+    raise ImproperlyConfigured(
+        "DATABASE_POOL_MODE must be 'session' (straight to PostgreSQL, or a pooler in session "
+        f"mode) or 'transaction' (PgBouncer's transaction pooling), not {DATABASE_POOL_MODE!r}")
+DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = DATABASE_POOL_MODE == "transaction"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LOGIN_URL = "login"

@@ -9,11 +9,11 @@ Processing itself is idempotent, so a lease that runs out while its worker is
 still busy costs a second attempt, never a second effect.
 
 A worker also runs the scheduled jobs when they are due and it gets their lease
-(``payouts.services.jobs``): check_alerts always, and with ``STRIPE_API_KEY`` set
-sync_events and reconcile_payouts --apply, each in a thread of its own beside the event
-loop (a long reconcile does not hold the alerts up). Bulk replays asked for
-in the console run the same way, one at a time per worker, in a thread of their own
-(``payouts.services.bulk_replay``).
+(``payouts.services.jobs``): check_alerts always, prune (retention) daily, and with
+``STRIPE_API_KEY`` set sync_events and reconcile_payouts --apply, each in a thread of its
+own beside the event loop (a long reconcile does not hold the alerts up). Bulk replays
+asked for in the console run the same way, one at a time per worker, in a thread of their
+own (``payouts.services.bulk_replay``).
 """
 
 from __future__ import annotations

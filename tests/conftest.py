@@ -1,16 +1,19 @@
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
 from django.core.cache import cache
-from django.db import connection
+from django.db import connection, connections
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from playwright.sync_api import Browser, Playwright, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
+from tests import pgbouncer as bouncer
 from tests.dbsessions import Session
 from tests.payouts.helpers import Server, server_env
 
@@ -53,6 +56,51 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
     """One test database per pytest process: runs side by side never share, or drop, one."""
     database = settings.DATABASES["default"]
     database.setdefault("TEST", {})["NAME"] = f"test_{database['NAME']}_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[bouncer.PgBouncer | None]:
+    """With TEST_PGBOUNCER=1, a PgBouncer in transaction pooling in front of the test
+    server (tests/pgbouncer.py); None otherwise."""
+    if not bouncer.wanted():
+        yield None
+        return
+    db = settings.DATABASES["default"]
+    running = bouncer.PgBouncer(db["HOST"], db["PORT"], db["USER"],
+                                db.get("PASSWORD") or "").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, pgbouncer: bouncer.PgBouncer | None,
+                    django_db_blocker: Any) -> Iterator[None]:
+    """The test database is created (and dropped) straight on the server; with
+    TEST_PGBOUNCER=1 every connection in between, of the tests and of the servers and
+    workers they start, goes through PgBouncer. At the end PgBouncer stops first, and
+    its server sessions must be gone before the database can be dropped."""
+    if pgbouncer is None:
+        yield
+        return
+    db = settings.DATABASES["default"]  # the dict every connection, in any thread, reads
+    direct = db["HOST"], db["PORT"]
+    with django_db_blocker.unblock():
+        connections.close_all()
+    db["HOST"], db["PORT"] = "127.0.0.1", pgbouncer.port
+    yield
+    with django_db_blocker.unblock():
+        connections.close_all()
+        pgbouncer.stop()
+        db["HOST"], db["PORT"] = direct
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                if not cursor.fetchone()[0]:
+                    break
+            time.sleep(0.1)
+        connections.close_all()
 
 
 @pytest.fixture

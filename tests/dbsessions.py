@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from typing import Any
 
@@ -80,12 +81,11 @@ class Session:
     def _main(self) -> None:
         end: Future[None] | None = None
         try:
-            connection.ensure_connection()
-            self.pid = connection.connection.info.backend_pid
             with atomic_with_isolation(self.level, read_only=self.read_only,
                                        operation=f"test.{self.name}"):
                 # SHOW takes no snapshot: it starts at the test's first statement.
                 self.isolation_in_force = get_current_isolation_level()
+                self.pid = _backend_pid()
                 self._ready.set_result(None)
                 end = self._serve()
             if end is not None:
@@ -119,6 +119,26 @@ class Session:
                 future.set_exception(exc)
                 raise _Rollback from exc  # the transaction is aborted; end it
             future.set_result(result)
+
+
+def _backend_pid() -> int:
+    """The server backend running this thread's open transaction, without taking a snapshot
+    (so its first statement is still the test's): the backend names itself (SET, for this
+    transaction only) and another connection looks the name up. Not the connection's own
+    backend pid: behind PgBouncer in transaction pooling (TEST_PGBOUNCER=1) that is
+    PgBouncer's, and each transaction may run on another server backend."""
+    name = f"dbsession-{uuid.uuid4().hex}"
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL application_name = %s", [name])
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [name])
+            row = cursor.fetchone()
+    finally:
+        other.close()
+    assert row is not None, "the session's backend is not in pg_stat_activity"
+    return int(row[0])
 
 
 def backend_waiting_on_lock(pid: int) -> bool:

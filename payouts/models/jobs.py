@@ -1,4 +1,4 @@
-"""Scheduled jobs (sync_events, reconcile_payouts): their lease and every run."""
+"""Scheduled jobs (sync_events, reconcile_payouts, prune): their lease and every run."""
 
 from django.conf import settings
 from django.db import models
@@ -23,6 +23,7 @@ class JobRun(models.Model):
     class Job(models.TextChoices):
         SYNC_EVENTS = "sync_events"
         RECONCILE_PAYOUTS = "reconcile_payouts"
+        PRUNE = "prune"  # retention: old transaction logs (and settled events, if asked)
 
     class Trigger(models.TextChoices):
         SCHEDULE = "schedule"  # a worker's schedule

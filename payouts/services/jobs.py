@@ -1,20 +1,22 @@
-"""sync_events and reconcile_payouts as jobs (each run recorded), and the workers' schedule,
-which also runs check_alerts.
+"""sync_events, reconcile_payouts and prune as jobs (each run recorded), and the workers'
+schedule, which also runs check_alerts.
 
 Every run, from the command line, the console or a worker's schedule, is a
 ``JobRun`` row: started, finished, status, counts and findings (the health and
 Reconciliation pages show them).
 
 Workers run each job every ``SYNC_EVENTS_MINUTES`` / ``RECONCILE_MINUTES`` when
-``STRIPE_API_KEY`` is set, and ``check_alerts`` every ``ALERT_CHECK_MINUTES`` always (its
+``STRIPE_API_KEY`` is set, ``check_alerts`` every ``ALERT_CHECK_MINUTES`` always (its
 runs are not recorded as ``JobRun`` rows, a minute's each: the alerts it opens and
-resolves are its record, and the log). One runner at a time across every worker on every machine:
+resolves are its record, and the log), and ``prune`` (retention) daily, with or without
+a key. One runner at a time across every worker on every machine:
 a worker first leases the job's ``ScheduledJob`` row with one UPDATE (autocommit, no
 session state, so it works behind PgBouncer in transaction pooling), renews the lease
 while it runs and frees it when done. A runner that dies leaves its lease to run out
 (``LEASE``); the next worker marks its run abandoned and runs the job. Runs asked for
-by a person do not take the lease: both jobs are idempotent (an event is stored once;
-a resync moves a payout only to Stripe's state), so running beside the schedule costs
+by a person do not take the lease: every job is idempotent (an event is stored once;
+a resync moves a payout only to Stripe's state; prune deletes only what is old), so
+running beside the schedule costs
 Stripe requests and, at worst, a second resync event on a payout's timeline.
 """
 
@@ -36,7 +38,7 @@ from django.db import connection
 from django.utils import timezone
 
 from payouts.models import JobRun, Payout, ScheduledJob, WebhookEvent
-from payouts.services import alerts, inbox, stripe_sync
+from payouts.services import alerts, inbox, retention, stripe_sync
 from payouts.stripe_api import StripeNotConfigured, StripeReader, StripeReadError, stripe_client
 
 log = structlog.get_logger(__name__)
@@ -48,6 +50,7 @@ LEASE = timedelta(minutes=2)
 RENEW_EVERY_S = 20.0
 SCHEDULE_CHECK_S = 10.0  # how often a worker looks for a due job
 CONSOLE_TIMEOUT_S = 10.0
+PRUNE_EVERY = timedelta(days=1)
 # Errors that end a run with its reason shown: Stripe's answer, not a bug.
 STRIPE_TROUBLE = (StripeNotConfigured, StripeReadError)
 SCHEDULED = ScheduledJob._meta.db_table
@@ -163,6 +166,17 @@ def reconcile_payouts(*, apply: bool, trigger: str, requested_by: AbstractBaseUs
         origin=origin, reader=reader, tick=tick, result=result))
 
 
+def prune(*, trigger: str, dry_run: bool = False, requested_by: AbstractBaseUser | None = None,
+          runner: str = "", tick: stripe_sync.Tick = stripe_sync.quiet) -> JobRun:
+    """A recorded run of ``retention.prune``."""
+    run = _start(Job.PRUNE, trigger=trigger, requested_by=requested_by,
+                 scope="--dry-run" if dry_run else "", apply=not dry_run,
+                 runner=runner or runner_name())
+    result = retention.PruneResult()
+    return _recorded(run, result, lambda: retention.prune(dry_run=dry_run, tick=tick,
+                                                          result=result))
+
+
 def scheduled_sync_days() -> int:
     """How far back a scheduled sync lists: SYNC_EVENTS_DAYS, or back to the start of
     the last run that listed every account (up to Stripe's 30 days), so an outage of
@@ -193,13 +207,13 @@ WHERE name = %(name)s AND leased_by = %(runner)s"""
 
 
 def intervals() -> dict[str, timedelta]:
-    """The scheduled jobs and how often each runs: the alerts always, the jobs that ask
-    Stripe only with an API key."""
+    """The scheduled jobs and how often each runs: the alerts and retention always, the
+    jobs that ask Stripe only with an API key; retention last."""
     scheduled = {CHECK_ALERTS: timedelta(minutes=settings.ALERT_CHECK_MINUTES)}
     if settings.STRIPE_API_KEY:
         scheduled |= {Job.SYNC_EVENTS: timedelta(minutes=settings.SYNC_EVENTS_MINUTES),
                       Job.RECONCILE_PAYOUTS: timedelta(minutes=settings.RECONCILE_MINUTES)}
-    return scheduled
+    return {**scheduled, Job.PRUNE: PRUNE_EVERY}
 
 
 def check_every_s() -> float:
@@ -276,6 +290,8 @@ class Scheduled:
             if self.name == Job.SYNC_EVENTS:
                 run = sync_events(days=scheduled_sync_days(), trigger=Trigger.SCHEDULE,
                                   runner=self.runner, tick=self.tick)
+            elif self.name == Job.PRUNE:
+                run = prune(trigger=Trigger.SCHEDULE, runner=self.runner, tick=self.tick)
             else:
                 run = reconcile_payouts(apply=True, trigger=Trigger.SCHEDULE,
                                         runner=self.runner, tick=self.tick)

@@ -502,8 +502,11 @@ def test_connection_terminated_mid_processing_is_retried(deferred_server, worker
     assert handled_count(worker.stdout) == len(attempts)
 
 
-def test_sigterm_stops_an_idle_worker_cleanly(worker_env):
+def test_sigterm_stops_an_idle_worker_cleanly(worker_env, pgbouncer):
     """SIGTERM to a running worker with nothing to do: exit code 0, 'processed 0 event(s)'."""
+    if pgbouncer is not None:
+        pytest.skip("watches the worker's own server backend open and close; behind "
+                    "PgBouncer server backends are pooled and outlive their clients")
     name = unique_name("idle")
     worker = RunningWorker(named_env(worker_env, name))
     try:
