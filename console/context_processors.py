@@ -9,9 +9,10 @@ from payouts import selectors
 
 
 def attention(request: HttpRequest) -> dict[str, Any]:
-    """Counted lazily, once per request: only pages that draw the navigation pay."""
+    """Read lazily, once per request, and at most a few seconds old (pages that change
+    the counts, Needs attention and a replay in place, read them fresh)."""
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated or not user.has_perm(
             "payouts.view_webhookevent"):
         return {}
-    return {"attention": SimpleLazyObject(selectors.attention)}
+    return {"attention": SimpleLazyObject(selectors.attention_recent)}
