@@ -329,7 +329,7 @@ def attention() -> Attention:
     counts = Attention(failed=by_status.get(WebhookEvent.Status.FAILED, 0),
                        dead=by_status.get(WebhookEvent.Status.DEAD, 0),
                        held=by_status.get(WebhookEvent.Status.HELD, 0),
-                       to_review=Payout.objects.exclude(review_reason="").count(),
+                       to_review=payouts_to_review().count(),
                        stuck=payouts_stuck().count(),
                        approvals=pending_approvals().count())
     cache.set(ATTENTION_KEY, counts, ATTENTION_TTL_S)
