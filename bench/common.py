@@ -252,13 +252,11 @@ class Processes:
 
 
 def gunicorn_argv(port: int, *, workers: int, threads: int, worker_class: str) -> list[str]:
-    argv = [PYTHON, "-m", "gunicorn", "console.wsgi:application",
-            "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-            "--worker-class", worker_class, "--timeout", "60", "--keep-alive", "30",
-            "--backlog", "256"]
-    if worker_class == "gthread":
-        argv += ["--threads", str(threads)]
-    return argv
+    """The README's production command (console/gunicorn_conf.py), on ``port``, with the
+    worker class and counts given (the same as the file's for the recommended setting)."""
+    return [PYTHON, "-m", "gunicorn", "-c", "python:console.gunicorn_conf",
+            "console.wsgi:application", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+            "--worker-class", worker_class, "--threads", str(threads)]
 
 
 def wait_http(port: int, path: str = "/login/", timeout: float = 60,

@@ -2,9 +2,11 @@
 
 Every payout is shaped as ``create_payouts`` leaves one: its transactions paid out,
 one transfer per transaction, one payout item per transfer. A payout ``id`` maps
-to a Stripe id ``po_<24 hex digits>`` (``stripe_payout_id``): like Stripe's own ids
-they do not sort in creation order, so payouts made together are not neighbours in
-the id's index. A transaction, its transfer and its payout item
+to a Stripe id shaped like Stripe's (``stripe_payout_id``): Stripe's ids begin with
+their creation time and the platform, so payouts made close in time share a long
+prefix and are neighbours in the id's index (``po_1Pgc79B7WZ01zgkW`` then the payout
+id, zero-padded). Events for them touch the same index pages, which is what
+SERIALIZABLE's page-level predicate locks see. A transaction, its transfer and its payout item
 share one id (``tr_B<id>`` for the transfer). Rows get explicit ids above the
 largest one in use, and the identity sequences are moved past them afterwards,
 so the ORM can keep inserting.
@@ -15,7 +17,6 @@ type's zero value, so a schema change in the product does not break the loaders.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -33,14 +34,17 @@ ATTEMPT = "payouts_webhookeventattempt"
 TXLOG = "payouts_transactionlog"
 REJECTION = "payouts_webhookrejection"
 
+PAYOUT_ID_PREFIX = "po_1Pgc79B7WZ01zgkW"  # time and platform, shared (module docstring)
+
+
 def payout_id(pid: int) -> str:
     """The Stripe id of bench payout ``pid`` (see the module docstring)."""
-    return "po_" + hashlib.md5(str(pid).encode()).hexdigest()[:24]
+    return f"{PAYOUT_ID_PREFIX}{pid:09d}"
 
 
 def payout_id_sql(pid: str) -> str:
     """``payout_id`` as an SQL expression over the integer expression ``pid``."""
-    return f"('po_' || substr(md5(({pid})::text), 1, 24))"
+    return f"('{PAYOUT_ID_PREFIX}' || lpad(({pid})::text, 9, '0'))"
 
 
 FAILURE_CODES = ["account_closed", "insufficient_funds", "no_account",

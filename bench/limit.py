@@ -11,7 +11,7 @@ results:
   payout, storing a new event each time.
 * ``pgbench_request.sql``: every statement one delivery costs, in the order and
   round trips the product sends them (health check, duplicate check, BEGIN,
-  SET/SHOW, the transaction, COMMIT, the TransactionLog insert).
+  SET/SHOW, the transaction with its TransactionLog row, COMMIT).
 
 ``NOWAIT`` is dropped from row locks: pgbench cannot survive a 55P03 (it would drop
 the client), and the product answers one by leaving the event to a worker.
@@ -75,19 +75,9 @@ def capture(cur: Any, sellers: tuple[int, int]) -> Captured:
     finally:
         connection.close()
         _remove_capture_rows(cur)
-    upper = [s.upper() for s in statements]
-    if not any(s.startswith("BEGIN") for s in upper):
-        # A Django that does not log transaction control: BEGIN is sent before the
-        # first statement of the transaction, COMMIT after its last one (the
-        # TransactionLog row is written once the transaction has ended).
-        first = next(i for i, s in enumerate(upper) if s.startswith("SET TRANSACTION"))
-        last = next(i for i, s in enumerate(upper) if "PAYOUTS_TRANSACTIONLOG" in s[:40])
-        statements = [*statements[:first], "BEGIN", *statements[first:last], "COMMIT",
-                      *statements[last:]]
-        upper = [s.upper() for s in statements]
-    begin = next(i for i, s in enumerate(upper) if s.startswith("BEGIN"))
-    commit = next(i for i, s in enumerate(upper) if s.startswith("COMMIT"))
-    return Captured(statements, statements[begin:commit + 1], str(outcome.kind))
+    # Django logs BEGIN and COMMIT among the queries (since 4.2).
+    begin, commit_at = statements.index("BEGIN"), statements.index("COMMIT")
+    return Captured(statements, statements[begin:commit_at + 1], str(outcome.kind))
 
 
 def _remove_capture_rows(cur: Any) -> None:
@@ -104,13 +94,13 @@ def _remove_capture_rows(cur: Any) -> None:
     data.sync_sequences(cur)
 
 
-def _templated(statement: str, event_var: str) -> str:
+def _templated(statement: str) -> str:
     """The captured statement with the payout and event made pgbench variables."""
     text = statement.replace(f"'{data.payout_id(CAPTURE_PAYOUT)}'", data.payout_id_sql(":pid"))
     # A new Stripe event id each run. pgbench repeats its random numbers when it retries
     # a run, which is right: the failed run's event was rolled back with it.
     text = text.replace(f"'{CAPTURE_EVENT_ID}'", "('evt_P' || :evt)")
-    text = re.sub(rf"\b{CAPTURE_EVENT}\b", f":{event_var}", text)
+    text = re.sub(rf"\b{CAPTURE_EVENT}\b", ":new_event_id", text)
     text = re.sub(rf"\b{CAPTURE_PAYOUT}\b", ":pid", text)
     text = re.sub(r"\s+NOWAIT\b", "", text)
     return _one_round_trip(text)
@@ -137,23 +127,27 @@ def write_scripts(captured: Captured) -> tuple[Path, Path]:
     ]
     body = [s for s in captured.transaction
             if not s.upper().startswith(("BEGIN", "SET TRANSACTION", "COMMIT"))]
-    limit = [*header,
-             "BEGIN ISOLATION LEVEL SERIALIZABLE;",
-             *[_templated(s, "eid") + ";" for s in body], "COMMIT;"]
+    limit = [*header, "BEGIN ISOLATION LEVEL SERIALIZABLE;", *_script_lines(body), "COMMIT;"]
     SCRIPT.parent.mkdir(parents=True, exist_ok=True)
     SCRIPT.write_text("\n".join(limit) + "\n")
-
     request = [*header,
                "-- Django's connection health check (CONN_HEALTH_CHECKS) at request start",
-               "SELECT 1;"]
-    for statement in captured.request:
-        line = _templated(statement, "new_event_id")
-        if statement.rstrip().upper().endswith("RETURNING EVENT_ID"):
-            request.append(line + r" \gset new_")  # the stored event's id, as RETURNING gives it
-        else:
-            request.append(line + ";")
+               "SELECT 1;", *_script_lines(captured.request)]
     REQUEST_SCRIPT.write_text("\n".join(request) + "\n")
     return SCRIPT, REQUEST_SCRIPT
+
+
+def _script_lines(statements: list[str]) -> list[str]:
+    """pgbench lines; the stored event's id, as RETURNING gives it, becomes
+    ``:new_event_id`` for the statements after it (the TransactionLog row)."""
+    lines = []
+    for statement in statements:
+        line = _templated(statement)
+        if statement.rstrip().upper().endswith("RETURNING EVENT_ID"):
+            lines.append(line + r" \gset new_")
+        else:
+            lines.append(line + ";")
+    return lines
 
 
 SERIALIZABLE_SET = r"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE\; SHOW transaction_isolation;"

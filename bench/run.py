@@ -69,9 +69,9 @@ from bench.common import (
 )
 
 SECTIONS = ["limit", "e2e", "ingest", "hot", "console", "replay", "failed", "flood", "prune"]
-# gunicorn settings compared on 2 cores (class, workers, threads); the best runs the rest.
-# Compared on the same load; the main run uses the fastest that keeps connections alive.
-GUNICORN_SETTINGS = [("gthread", 4, 2), ("gthread", 2, 8), ("sync", 4, 1)]
+# gunicorn settings the e2e section compares with the recommended one (class, workers,
+# threads) on the same load; ``--sweep`` replaces them.
+SWEEP = [("gthread", 4, 2), ("gthread", 4, 1), ("sync", 4, 1), ("sync", 8, 1)]
 # The flood: junk signed with a secret that is not the server's, from this many connections.
 JUNK_SECRET = "whsec_bench_junk_not_the_servers"
 FLOOD_CONNECTIONS = 64
@@ -97,16 +97,24 @@ def warm_up(port: int, requests: int) -> None:
             conn.close()
 
 
-def fastest_keep_alive(sweep: list[dict[str, Any]]) -> tuple[str, int, int]:
-    """The sweep's fastest setting among those that keep connections alive: the issue's
-    end to end runs over keep-alive connections, and sync workers close each one."""
-    kept = [row for row in sweep if row["gunicorn"][0] != "sync"]
-    return tuple(max(kept, key=lambda row: row["ack_per_s"] or 0)["gunicorn"])  # type: ignore[return-value]
+def recommended_setting() -> tuple[str, int, int]:
+    """What the README's production command runs on this machine: console/gunicorn_conf.py."""
+    from console import gunicorn_conf
+
+    return (gunicorn_conf.worker_class, gunicorn_conf.workers, gunicorn_conf.threads)
+
+
+def parse_setting(text: str) -> tuple[str, int, int]:
+    """``gthread:4:2`` or ``sync:4`` as (class, workers, threads)."""
+    worker_class, workers, *threads = text.split(":")
+    return (worker_class, int(workers), int(threads[0]) if threads else 1)
 
 
 def describe(setting: tuple[str, int, int] | list[Any]) -> str:
     worker_class, workers, threads = setting
-    return f"{worker_class} {workers} workers x {threads} threads"
+    if worker_class == "sync":
+        return f"sync {workers} workers"
+    return f"{worker_class.rsplit('.', 1)[-1]} {workers} workers x {threads} threads"
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,7 @@ class Scale:
     @staticmethod
     def full() -> Scale:
         return Scale("full", limit_payouts=100_000, limit_s=30, e2e_payouts=100_000,
-                     e2e_max_s=120, sweep_events=1_200, connections=16, half_rate_s=30,
+                     e2e_max_s=120, sweep_events=4_000, connections=8, half_rate_s=30,
                      ingest_events=6_000, hot_events=1_500, console_payouts=1_000_000,
                      console_items=5, console_events=2_000_000, replay_events=10_000,
                      failed_transactions=10_000, page_repeats=20, settle_s=30, drain_max_s=90,
@@ -148,7 +156,7 @@ class Scale:
     @staticmethod
     def quick() -> Scale:
         return Scale("quick", limit_payouts=2_000, limit_s=5, e2e_payouts=1_000,
-                     e2e_max_s=20, sweep_events=300, connections=16, half_rate_s=5,
+                     e2e_max_s=20, sweep_events=300, connections=8, half_rate_s=5,
                      ingest_events=500, hot_events=200, console_payouts=10_000,
                      console_items=5, console_events=20_000, replay_events=100,
                      failed_transactions=1_000, page_repeats=5, settle_s=20, drain_max_s=30,
@@ -166,8 +174,10 @@ class Section:
 
 class Bench:
     def __init__(self, scale: Scale, only: list[str], what_if: bool = False,
-                 profile: bool = False) -> None:
+                 profile: bool = False, sweep: list[tuple[str, int, int]] | None = None
+                 ) -> None:
         self.scale = scale
+        self.sweep = SWEEP if sweep is None else sweep
         self.what_if = what_if
         self.py_spy = py_spy() if profile else None
         self.profile = self.py_spy is not None
@@ -465,20 +475,27 @@ class Bench:
 
     def e2e(self) -> dict[str, Any]:
         s = self.scale
+        recommended = recommended_setting()
         sweep = []
-        for setting in GUNICORN_SETTINGS:
+        for setting in [recommended, *(x for x in self.sweep if x != recommended)]:
             payouts = self.fresh_payouts(s.sweep_events)
             prefix = self.new_prefix("S")
             with self.stack(mode="inline", setting=setting, workers=2) as port:
-                result = self.send(f"sweep-{setting[0]}{setting[1]}x{setting[2]}", port,
+                result = self.send(f"sweep-{describe(setting).replace(' ', '-')}", port,
                                    self.payout_plan(payouts, prefix), connections=s.connections,
                                    max_s=s.e2e_max_s)
             row = {"setting": describe(setting), "gunicorn": setting,
-                   **self.load_summary(result), **self.latency(result)}
+                   "recommended": setting == recommended, **self.load_summary(result),
+                   **self.latency(result), "retries": self.retry_figures(prefix)}
             sweep.append(row)
-            say(f"   {row['setting']:<28} {fmt(row['ack_per_s'])} ack/s  "
-                f"p50 {fmt(row['p50_ms'])}  p99 {fmt(row['p99_ms'])} ms")
-        setting = fastest_keep_alive(sweep)
+            say(f"   {row['setting']:<40} {fmt(row['ack_per_s'])} ack/s  "
+                f"p50 {fmt(row['p50_ms'])}  p99 {fmt(row['p99_ms'])} ms"
+                + ("  (recommended)" if row["recommended"] else ""))
+        fastest = max(sweep, key=lambda row: row["ack_per_s"] or 0)
+        if not fastest["recommended"]:
+            say(f"   !! {fastest['setting']} was faster than the recommended setting "
+                f"({describe(recommended)}) on this load")
+        setting = recommended
 
         payouts = self.fresh_payouts(s.e2e_payouts)
         prefix = self.new_prefix("E")
@@ -528,13 +545,13 @@ class Bench:
                 "retries": self.retry_figures(prefix)}
         say(f"   at {rate:.0f}/s: p50/p95/p99 {fmt(half['p50_ms'])}/{fmt(half['p95_ms'])}/"
             f"{fmt(half['p99_ms'])} ms (from when each event was due)")
-        return {"sweep": sweep, "main": main, "half_rate": half}
+        return {"sweep": sweep, "fastest": fastest["setting"], "main": main, "half_rate": half}
 
     # 3. ingest only, then drain ---------------------------------------------------------
 
     def ingest(self) -> dict[str, Any]:
         s = self.scale
-        setting = self.best_setting()
+        setting = recommended_setting()
         payouts = self.fresh_payouts(s.ingest_events)
         prefix = self.new_prefix("I")
         with self.stack(mode="deferred", setting=setting) as port:
@@ -567,12 +584,6 @@ class Bench:
         say(f"   drained {fmt(done)} in {span:.1f} s: {fmt(figures['drain_per_s'])} events/s")
         return figures
 
-    def best_setting(self) -> tuple[str, int, int]:
-        e2e = self.sections.get("e2e")
-        if e2e and e2e.figures.get("sweep"):
-            return fastest_keep_alive(e2e.figures["sweep"])
-        return GUNICORN_SETTINGS[0]
-
     # 4. hot rows ------------------------------------------------------------------------
 
     def hot(self) -> dict[str, Any]:
@@ -586,7 +597,7 @@ class Bench:
             for pid in range(payouts.first, payouts.last + 1):
                 event_type = "payout.paid" if j == per_payout else "payout.updated"
                 plan.append(payouts.event(f"{prefix}{pid}n{j}", event_type, pid, base + j))
-        with self.stack(mode="inline", setting=self.best_setting(), workers=2) as port:
+        with self.stack(mode="inline", setting=recommended_setting(), workers=2) as port:
             result = self.send("hot", port, plan, connections=8, max_s=s.e2e_max_s)
             settled = self.wait_settled(prefix, s.settle_s + s.hot_events / 10)
         newest = {data.payout_id(pid): f"{prefix}{pid}n{per_payout}"
@@ -793,7 +804,7 @@ class Bench:
         refused for its signature, and counted: in memory per process, written every 5 s
         (now), or one write per refusal on its reason's row (before, by a setting)."""
         s = self.scale
-        setting = self.best_setting()
+        setting = recommended_setting()
         say(f"   {describe(setting)}; valid deliveries at {s.flood_rate:.0f}/s for "
             f"{s.flood_s:.0f} s, open loop; {s.flood_junk:,} junk deliveries at once "
             f"(bad signatures, {FLOOD_CONNECTIONS} connections) ...")
@@ -901,7 +912,7 @@ class Bench:
         ``prune_txlogs`` old transaction logs in batches of 5 000: their p50/p99 while it
         runs against the quiet run."""
         s = self.scale
-        setting = self.best_setting()
+        setting = recommended_setting()
         say(f"   {describe(setting)}; {s.prune_txlogs:,} transaction logs 60 days old; valid "
             f"deliveries at {s.flood_rate:.0f}/s for up to {s.prune_load_s:.0f} s, open loop ...")
         started = time.perf_counter()
@@ -1003,8 +1014,10 @@ class Bench:
                              ratio(w["tps"])])
         e2e = f.get("e2e", {})
         for row in e2e.get("sweep", []):
-            rows.append([f"e2e sweep: {row['setting']}", f"{fmt(row['ack_per_s'])} ack/s",
-                         f"p50 {fmt(row['p50_ms'])} / p99 {fmt(row['p99_ms'])} ms",
+            mark = " (recommended)" if row.get("recommended") else ""
+            rows.append([f"e2e sweep: {row['setting']}{mark}", f"{fmt(row['ack_per_s'])} ack/s",
+                         f"p50 {fmt(row['p50_ms'])} / p99 {fmt(row['p99_ms'])} ms; "
+                         f"{fmt(row['retries']['tx_retries_per_event'], 2)} tx retries/event",
                          ratio(row["ack_per_s"])])
         if "main" in e2e:
             m = e2e["main"]
@@ -1094,6 +1107,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep-db", action="store_true",
                         help="leave the bench PostgreSQL running at the end (to inspect "
                              "it); otherwise it is stopped and its files deleted")
+    parser.add_argument("--sweep", type=lambda text: [parse_setting(x) for x in text.split(",")],
+                        help="gunicorn settings the e2e section compares with the "
+                             "recommended one, e.g. gthread:4:2,sync:8 (class:workers:threads)")
     parser.add_argument("--what-if", action="store_true",
                         help="also run both pgbench scripts at READ COMMITTED")
     args = parser.parse_args(argv)
@@ -1104,7 +1120,7 @@ def main(argv: list[str]) -> int:
     install_signal_handlers()
     _quiet_structlog()
     scale = Scale.quick() if args.quick else Scale.full()
-    bench = Bench(scale, only, what_if=args.what_if, profile=args.profile)
+    bench = Bench(scale, only, what_if=args.what_if, profile=args.profile, sweep=args.sweep)
     started_at, started = datetime.now(UTC), time.perf_counter()
     say(f"bench ({scale.name} scale) on {machine()['cores']} cores; logs in {LOGS}")
     random.seed(5)

@@ -10,5 +10,5 @@ class PayoutsConfig(AppConfig):
         from payouts.metrics import count_retries
         from payouts.txlog_sink import store_transaction_log
 
-        txutils.add_sink(store_transaction_log)
+        txutils.add_sink(store_transaction_log, before_commit=True)
         txutils.add_sink(count_retries)

@@ -30,7 +30,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 import structlog
 from django.db import transaction
 
-from txutils.records import Outcome, TransactionRecord, emit
+from txutils.records import Outcome, TransactionRecord, emit, write_before_commit
 
 log = structlog.get_logger("txutils")
 
@@ -210,6 +210,10 @@ def atomic_with_isolation(
                 yield
             finally:
                 _level_in_force.reset(level_token)
+            # The work is done; the record's before-commit sinks write in this transaction.
+            record.duration_ms = round((datetime.now(UTC) - record.started_at).total_seconds()
+                                       * 1000, 3)
+            write_before_commit(record)
 
 
 @overload

@@ -2,8 +2,13 @@
 
 A record is delivered after its transaction has ended, committed or rolled
 back, so a sink may write to the database (in autocommit) without becoming part
-of the transaction it describes. The structlog sink is always on; the console
-adds one that stores ``TransactionLog`` rows.
+of the transaction it describes. A sink added with ``before_commit=True`` is
+instead called inside the outermost transaction, just before its commit, with
+the record as it will be if the commit succeeds: what it writes then costs no
+commit of its own (a READ ONLY transaction's record is delivered after, as usual). If that transaction does not commit (an error, a retry, a
+failed commit), the sink is called again after it ended, like the others, with
+the final record. The structlog sink is always on; the console adds one that
+stores ``TransactionLog`` rows before commit.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class TransactionRecord:
     outcome: Outcome = Outcome.COMMITTED
     error: str | None = None
     context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The before-commit sinks wrote this record in the transaction that then committed.
+    written_before_commit: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -47,20 +54,25 @@ class TransactionRecord:
 Sink = Callable[[TransactionRecord], None]
 
 _sinks: list[Sink] = []
+_before_commit_sinks: list[Sink] = []
 _sinks_lock = threading.Lock()
 
 
-def add_sink(sink: Sink) -> None:
-    """Deliver every future record to ``sink`` too (idempotent)."""
+def add_sink(sink: Sink, *, before_commit: bool = False) -> None:
+    """Deliver every future record to ``sink`` too (idempotent); ``before_commit``: see
+    the module docstring."""
     with _sinks_lock:
-        if sink not in _sinks:
-            _sinks.append(sink)
+        for group in (_sinks, _before_commit_sinks):
+            if sink in group:
+                group.remove(sink)
+        (_before_commit_sinks if before_commit else _sinks).append(sink)
 
 
 def remove_sink(sink: Sink) -> None:
     with _sinks_lock:
-        if sink in _sinks:
-            _sinks.remove(sink)
+        for group in (_sinks, _before_commit_sinks):
+            if sink in group:
+                group.remove(sink)
 
 
 def structlog_sink(record: TransactionRecord) -> None:
@@ -72,13 +84,44 @@ def structlog_sink(record: TransactionRecord) -> None:
         log.warning("tx.completed", **fields)
 
 
+def write_before_commit(record: TransactionRecord) -> None:
+    """Inside the outermost transaction, its work done: hand the record, as it will be
+    if the commit succeeds, to the before-commit sinks. A database error is raised (the
+    transaction is aborted and must not look committed); any other failure is logged,
+    and the record then goes to those sinks after the transaction, as if none had run."""
+    with _sinks_lock:
+        sinks = list(_before_commit_sinks)
+    record.written_before_commit = False
+    if not sinks or record.read_only:  # a read-only transaction cannot write its record
+        return
+    from django.db import DatabaseError
+
+    for sink in sinks:
+        try:
+            sink(record)
+        except DatabaseError:
+            raise
+        except Exception:
+            _log_sink_failure(sink, record)
+            return
+    record.written_before_commit = True
+
+
 def emit(record: TransactionRecord) -> None:
-    """Hand ``record`` to every sink; a failing sink is logged, never raised."""
+    """After the transaction: hand ``record`` to every sink, the before-commit ones only
+    if they did not write it in a transaction that committed; a failing sink is logged,
+    never raised."""
     with _sinks_lock:
         sinks = [structlog_sink, *_sinks]
+        if not (record.written_before_commit and record.outcome is Outcome.COMMITTED):
+            sinks += _before_commit_sinks
     for sink in sinks:
         try:
             sink(record)
         except Exception:
-            log.exception("tx.sink_failed", sink=getattr(sink, "__qualname__", repr(sink)),
-                          operation=record.operation)
+            _log_sink_failure(sink, record)
+
+
+def _log_sink_failure(sink: Sink, record: TransactionRecord) -> None:
+    log.exception("tx.sink_failed", sink=getattr(sink, "__qualname__", repr(sink)),
+                  operation=record.operation)

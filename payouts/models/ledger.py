@@ -1,5 +1,6 @@
 """The payout ledger: who is owed what, and what has been paid out to whom."""
 
+from django.contrib.postgres.indexes import HashIndex
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
@@ -142,6 +143,12 @@ class Payout(models.Model):
                          name="payout_to_review"),
             models.Index(fields=["original_payout"], condition=Q(original_payout__isnull=False),
                          name="payout_reversals"),
+            # What the processor finds a payout by. SERIALIZABLE locks the index pages a
+            # lookup reads, and a status change writes a new entry into every index; in a
+            # btree, ids Stripe made close in time (a long shared prefix) sit on the same
+            # page, so two deliveries for neighbouring payouts made each other fail (40001).
+            # A hash index scatters them over its buckets; the planner prefers it for `=`.
+            HashIndex(fields=["stripe_payout_id"], name="payout_stripe_id_hash"),
         ]
 
     def __str__(self) -> str:

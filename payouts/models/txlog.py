@@ -17,10 +17,14 @@ class TransactionLog(models.Model):
     outcome = models.CharField(max_length=32)
     error = models.TextField(blank=True, default="")
     started_at = models.DateTimeField()
+    # No foreign-key constraints: the row is written inside the SERIALIZABLE transaction it
+    # describes, and checking one at commit reads the index pages every concurrent
+    # delivery inserts its event into: a serialization failure for most of them. Deletes
+    # through Django still set these to NULL, and so does prune.
     event = models.ForeignKey(WebhookEvent, on_delete=models.SET_NULL, null=True, blank=True,
-                              related_name="transaction_logs")
+                              related_name="transaction_logs", db_constraint=False)
     payout = models.ForeignKey(Payout, on_delete=models.SET_NULL, null=True, blank=True,
-                               related_name="transaction_logs")
+                               related_name="transaction_logs", db_constraint=False)
     context = models.JSONField(default=dict, blank=True)
 
     class Meta:

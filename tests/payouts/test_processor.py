@@ -88,6 +88,13 @@ def new_payout_id() -> str:
     return stripe_events.new_id("po")
 
 
+def xmin(model: Any, pk: int) -> str:
+    """The id of the transaction that wrote the row's current version."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT xmin::text FROM {model._meta.db_table} WHERE id = %s", [pk])
+        return str(cursor.fetchone()[0])
+
+
 # --- paid, failed, in order and out of order ---------------------------------------------
 
 
@@ -390,6 +397,9 @@ def test_every_processing_writes_one_transaction_log_and_one_attempt(case, path)
     assert log.outcome == "committed"
     assert log.attempts == 1 + len(log.sqlstates)
     assert log.event_id == row.pk
+    # Written by the transaction it describes (one commit per delivery): inline, that
+    # transaction stored the event; for a stored event, it settled the event's status.
+    assert xmin(TransactionLog, log.pk) == xmin(WebhookEvent, row.pk)
     if expected_payout == "new":
         assert log.payout_id == Payout.objects.get(stripe_payout_id=row.stripe_object_id).pk
     else:

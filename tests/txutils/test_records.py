@@ -1,10 +1,14 @@
-"""One record per outermost transaction, delivered after it ended."""
+"""One record per outermost transaction, delivered after it ended (or, to a before-commit
+sink, just before its commit)."""
+
+from collections.abc import Iterator
 
 import pytest
 import structlog
-from django.db import connection
+from django.db import IntegrityError, ProgrammingError, connection
 
 import txutils
+from tests.txutils.conftest import write_skew_partner
 from txutils import Outcome
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -104,3 +108,118 @@ def test_sqlstate_is_found_behind_wrappers():
     except RuntimeError as wrapped:
         assert txutils.sqlstate_of(wrapped) == "40P01"
     assert txutils.sqlstate_of(ValueError()) is None
+
+
+# --- sinks that write inside the transaction they describe -----------------------------
+
+
+@pytest.fixture
+def calls() -> Iterator[list[tuple[str, Outcome, int, bool, int | None]]]:
+    """A before-commit sink's calls: (operation, outcome, attempts, inside a transaction,
+    the transaction id it ran in, or None outside one)."""
+    seen: list[tuple[str, Outcome, int, bool, int | None]] = []
+
+    def sink(record: txutils.TransactionRecord) -> None:
+        inside = connection.in_atomic_block
+        seen.append((record.operation, record.outcome, record.attempts, inside,
+                     current_xid() if inside else None))
+
+    txutils.add_sink(sink, before_commit=True)
+    yield seen
+    txutils.remove_sink(sink)
+
+
+def current_xid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT txid_current()")
+        return int(cursor.fetchone()[0])
+
+
+def test_a_before_commit_sink_writes_in_the_transaction_it_describes(calls, records):
+    with txutils.atomic_with_isolation("serializable", operation="paid"):
+        xid = current_xid()
+    assert calls == [("paid", Outcome.COMMITTED, 1, True, xid)]  # and not again after
+    assert [r.written_before_commit for r in records] == [True]
+
+
+def test_a_before_commit_sink_sees_the_retries_of_the_attempt_that_commits(
+        kv_table, session, calls):
+    attempts = []
+
+    @txutils.retry_on_deadlock(max_retries=3, delay=0.01)
+    def withdraw() -> None:
+        attempts.append(1)
+        with txutils.atomic_with_isolation("serializable"):
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT sum(value) FROM test")
+                if len(attempts) == 1:
+                    write_skew_partner(session)
+                cursor.execute("UPDATE test SET value = value - 5 WHERE id = 1")
+
+    withdraw()
+    assert [(outcome, n, inside) for op, outcome, n, inside, _ in calls
+            if op.endswith("withdraw")] == [(Outcome.COMMITTED, 2, True)]
+
+
+def test_when_the_commit_fails_the_sink_is_called_again_after(kv_table, calls, records):
+    """A deferred constraint fails at COMMIT: what the sink wrote is rolled back with the
+    transaction, and it gets the final record afterwards."""
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE test ADD CONSTRAINT once UNIQUE (value) "
+                       "DEFERRABLE INITIALLY DEFERRED")
+    with pytest.raises(IntegrityError):
+        with txutils.atomic_with_isolation("serializable", operation="duplicate"):
+            with connection.cursor() as cursor:
+                cursor.execute("UPDATE test SET value = 20 WHERE id = 1")
+    assert [(outcome, inside) for _, outcome, _, inside, _ in calls] == [
+        (Outcome.COMMITTED, True), (Outcome.ROLLED_BACK, False)]
+    assert records[-1].outcome is Outcome.ROLLED_BACK
+
+
+def test_when_the_body_fails_the_sink_is_only_called_after(calls):
+    with pytest.raises(ZeroDivisionError):
+        with txutils.atomic_with_isolation("serializable", operation="divide"):
+            _ = 1 / 0
+    assert calls == [("divide", Outcome.ROLLED_BACK, 1, False, None)]
+
+
+def test_a_before_commit_sink_that_fails_in_python_is_logged_and_called_again_after(calls):
+    failures = []
+
+    def fussy(record: txutils.TransactionRecord) -> None:
+        if connection.in_atomic_block:
+            failures.append(record.operation)
+            raise ValueError("cannot serialise the context")
+
+    txutils.add_sink(fussy, before_commit=True)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            with txutils.atomic_with_isolation("serializable", operation="kept"):
+                pass
+    finally:
+        txutils.remove_sink(fussy)
+    assert failures == ["kept"]
+    # The transaction committed; every before-commit sink gets the record after it.
+    assert [(outcome, inside) for _, outcome, _, inside, _ in calls] == [
+        (Outcome.COMMITTED, True), (Outcome.COMMITTED, False)]
+    assert any(e["event"] == "tx.sink_failed" for e in logs)
+
+
+def test_a_database_error_in_a_before_commit_sink_fails_the_transaction(kv_table, records):
+    def broken(record: txutils.TransactionRecord) -> None:
+        if connection.in_atomic_block:
+            with connection.cursor() as cursor:
+                cursor.execute("INSERT INTO no_such_table VALUES (1)")
+
+    txutils.add_sink(broken, before_commit=True)
+    try:
+        with pytest.raises(ProgrammingError):
+            with txutils.atomic_with_isolation("serializable", operation="not kept"):
+                with connection.cursor() as cursor:
+                    cursor.execute("UPDATE test SET value = 0 WHERE id = 1")
+    finally:
+        txutils.remove_sink(broken)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT value FROM test WHERE id = 1")
+        assert cursor.fetchone()[0] == 10  # nothing of it committed
+    assert records[-1].outcome is Outcome.ROLLED_BACK
