@@ -5,10 +5,10 @@ back, so a sink may write to the database (in autocommit) without becoming part
 of the transaction it describes. A sink added with ``before_commit=True`` is
 instead called inside the outermost transaction, just before its commit, with
 the record as it will be if the commit succeeds: what it writes then costs no
-commit of its own (a READ ONLY transaction's record is delivered after, as usual). If that transaction does not commit (an error, a retry, a
-failed commit), the sink is called again after it ended, like the others, with
-the final record. The structlog sink is always on; the console adds one that
-stores ``TransactionLog`` rows before commit.
+commit of its own. If that transaction does not commit (an error, a retry, a
+failed commit), or is READ ONLY, the sink is called after it ended, like the
+others, with the final record. The structlog sink is always on; the console adds
+one that stores ``TransactionLog`` rows before commit.
 """
 
 from __future__ import annotations
