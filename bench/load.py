@@ -7,7 +7,10 @@ created, account, amount]``, sent in that order), ``connections`` (threads, one 
 HTTP/1.1 connection each), ``rate`` (events/s, open loop; null: closed loop, as fast
 as the server answers), ``max_seconds`` (a hard bound on the run), ``resend``
 (keep resending an event until it is acknowledged, like Stripe retries; otherwise
-a failed delivery is counted and dropped), ``sample_every`` (keep every n-th latency).
+a failed delivery is counted and dropped), ``sample_every`` (keep every n-th latency),
+``warmup_seconds`` (open loop: events due in the first seconds are sent but their
+latencies are not kept; every connection is opened then, and the server's first
+requests on them are not the steady state being measured).
 Signed with another ``secret`` than the server's, every delivery is junk (400
 bad_signature): the bench's flood.
 
@@ -62,6 +65,7 @@ class Run:
         self.max_seconds = float(spec.get("max_seconds", 600))
         self.resend = bool(spec.get("resend", False))
         self.sample_every = max(1, int(spec.get("sample_every", 1)))
+        self.warmup = float(spec.get("warmup_seconds", 0))
         plan = json.loads(Path(spec["plan"]).read_text())
         self.ids = [row[0] for row in plan]
         self.bodies = [build_body(*row) for row in plan]
@@ -71,6 +75,7 @@ class Run:
         # (when due or sent, in seconds from the start; latency): sampled as latencies
         self.timeline: list[tuple[float, float]] = []
         self.service: list[float] = []  # seconds, from sent to answered
+        self.timeline_warmup: list[tuple[float, float]] = []  # as timeline, not sampled
         self.http_status: Counter[str] = Counter()
         self.answer_status: Counter[str] = Counter()
         self.duplicates = 0
@@ -130,6 +135,7 @@ class Run:
         latencies: list[float] = []
         service: list[float] = []
         timeline: list[tuple[float, float]] = []
+        warmup: list[tuple[float, float]] = []
         try:
             while True:
                 index = self._take()
@@ -179,7 +185,10 @@ class Run:
                     self.acked.add(event_id)
                     self.answer_status[answer.get("status", "stored")] += 1
                     self.duplicates += bool(answer.get("duplicate"))
-                if index % self.sample_every == 0:
+                warming = due is not None and due - self.started < self.warmup
+                if warming:
+                    warmup.append((due - self.started, done - due))
+                elif index % self.sample_every == 0:
                     start = due if due is not None else sent
                     latencies.append(done - start)
                     service.append(done - sent)
@@ -191,6 +200,7 @@ class Run:
                 self.latencies.extend(latencies)
                 self.service.extend(service)
                 self.timeline.extend(timeline)
+                self.timeline_warmup.extend(warmup)
                 self.finished_at.append(time.perf_counter())
 
     def run(self) -> dict[str, Any]:
@@ -216,6 +226,7 @@ class Run:
             "latencies_s": self.latencies, "service_s": self.service,
             # the wall clock (time.time()) of offset 0 of ``timeline``, to line runs up
             "clock_started": clock_started, "timeline": self.timeline,
+            "timeline_warmup": self.timeline_warmup,
             "acked_ids": sorted(self.acked) if self.resend else [],
             "unacked_ids": self.unacked,
             "rate": self.rate, "connections": self.connections,

@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import random
+import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -71,10 +72,13 @@ from bench.common import (
 SECTIONS = ["limit", "e2e", "ingest", "hot", "console", "replay", "failed", "flood", "prune"]
 # gunicorn settings the e2e section compares with the recommended one (class, workers,
 # threads) on the same load; ``--sweep`` replaces them.
-SWEEP = [("gthread", 4, 2), ("gthread", 4, 1), ("sync", 4, 1), ("sync", 8, 1)]
+SWEEP = [("gthread", 4, 2), ("gthread", 4, 1), ("gthread", 2, 4), ("sync", 4, 1)]
 # The flood: junk signed with a secret that is not the server's, from this many connections.
 JUNK_SECRET = "whsec_bench_junk_not_the_servers"
 FLOOD_CONNECTIONS = 64
+# The open-loop run at half rate opens its 64 connections in its first second; what is
+# measured is the steady state after this (docs/benchmarks.md).
+HALF_RATE_WARMUP_S = 2
 
 
 def warm_up(port: int, requests: int) -> None:
@@ -124,7 +128,8 @@ class Scale:
     limit_s: int  # pgbench duration
     e2e_payouts: int  # distinct payouts the main end-to-end run sends events for
     e2e_max_s: int  # ... stopping after this long even if not all were sent
-    sweep_events: int  # events per gunicorn setting compared
+    sweep_events: int  # events per run of each gunicorn setting compared
+    sweep_rounds: int  # runs of each setting, interleaved
     connections: int  # load-generator connections (threads) for closed-loop runs
     half_rate_s: int  # open-loop run at half the end-to-end rate
     ingest_events: int
@@ -146,9 +151,10 @@ class Scale:
     @staticmethod
     def full() -> Scale:
         return Scale("full", limit_payouts=100_000, limit_s=30, e2e_payouts=100_000,
-                     e2e_max_s=120, sweep_events=4_000, connections=8, half_rate_s=30,
-                     ingest_events=6_000, hot_events=1_500, console_payouts=1_000_000,
-                     console_items=5, console_events=2_000_000, replay_events=10_000,
+                     e2e_max_s=120, sweep_events=2_000, sweep_rounds=3, connections=8,
+                     half_rate_s=30, ingest_events=6_000, hot_events=1_500,
+                     console_payouts=1_000_000, console_items=5, console_events=2_000_000,
+                     replay_events=10_000,
                      failed_transactions=10_000, page_repeats=20, settle_s=30, drain_max_s=90,
                      flood_junk=2_000, flood_rate=40, flood_s=15, prune_txlogs=5_000_000,
                      prune_load_s=150)
@@ -156,7 +162,7 @@ class Scale:
     @staticmethod
     def quick() -> Scale:
         return Scale("quick", limit_payouts=2_000, limit_s=5, e2e_payouts=1_000,
-                     e2e_max_s=20, sweep_events=300, connections=8, half_rate_s=5,
+                     e2e_max_s=20, sweep_events=300, sweep_rounds=1, connections=8, half_rate_s=5,
                      ingest_events=500, hot_events=200, console_payouts=10_000,
                      console_items=5, console_events=20_000, replay_events=100,
                      failed_transactions=1_000, page_repeats=5, settle_s=20, drain_max_s=30,
@@ -272,15 +278,15 @@ class Bench:
 
     def send(self, name: str, port: int, plan: list[list[Any]], *, connections: int,
              rate: float | None = None, max_s: float, resend: bool = False,
-             secret: str = SECRET) -> dict[str, Any]:
+             secret: str = SECRET, warmup_s: float = 0) -> dict[str, Any]:
         """Run the load generator (its own process) on ``plan``; return its result."""
         self.start_load(name, port, plan, connections=connections, rate=rate, max_s=max_s,
-                        resend=resend, secret=secret)
+                        resend=resend, secret=secret, warmup_s=warmup_s)
         return self.load_result(name, max_s)
 
     def start_load(self, name: str, port: int, plan: list[list[Any]], *, connections: int,
                    rate: float | None = None, max_s: float, resend: bool = False,
-                   secret: str = SECRET) -> None:
+                   secret: str = SECRET, warmup_s: float = 0) -> None:
         """Start the load generator on ``plan``; ``load_result(name)`` waits for it."""
         folder = VAR / "load"
         folder.mkdir(parents=True, exist_ok=True)
@@ -289,7 +295,7 @@ class Bench:
         plan_path.write_text(json.dumps(plan))
         spec_path.write_text(json.dumps({
             "port": port, "secret": secret, "plan": str(plan_path), "connections": connections,
-            "rate": rate, "max_seconds": max_s, "resend": resend}))
+            "rate": rate, "max_seconds": max_s, "resend": resend, "warmup_seconds": warmup_s}))
         out_path.unlink(missing_ok=True)
         self.procs.start(f"load-{name}", [PYTHON, "-m", "bench.load", str(spec_path),
                                           str(out_path)], self.env())
@@ -476,25 +482,27 @@ class Bench:
     def e2e(self) -> dict[str, Any]:
         s = self.scale
         recommended = recommended_setting()
-        sweep = []
-        for setting in [recommended, *(x for x in self.sweep if x != recommended)]:
-            payouts = self.fresh_payouts(s.sweep_events)
-            prefix = self.new_prefix("S")
-            with self.stack(mode="inline", setting=setting, workers=2) as port:
-                result = self.send(f"sweep-{describe(setting).replace(' ', '-')}", port,
-                                   self.payout_plan(payouts, prefix), connections=s.connections,
-                                   max_s=s.e2e_max_s)
-            row = {"setting": describe(setting), "gunicorn": setting,
-                   "recommended": setting == recommended, **self.load_summary(result),
-                   **self.latency(result), "retries": self.retry_figures(prefix)}
-            sweep.append(row)
-            say(f"   {row['setting']:<40} {fmt(row['ack_per_s'])} ack/s  "
-                f"p50 {fmt(row['p50_ms'])}  p99 {fmt(row['p99_ms'])} ms"
-                + ("  (recommended)" if row["recommended"] else ""))
-        fastest = max(sweep, key=lambda row: row["ack_per_s"] or 0)
-        if not fastest["recommended"]:
-            say(f"   !! {fastest['setting']} was faster than the recommended setting "
-                f"({describe(recommended)}) on this load")
+        settings = [recommended, *(x for x in self.sweep if x != recommended)]
+        runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {x: [] for x in settings}
+        for _ in range(s.sweep_rounds):
+            for setting in settings:  # interleaved, so the machine's drift hits them alike
+                payouts = self.fresh_payouts(s.sweep_events)
+                prefix = self.new_prefix("S")
+                with self.stack(mode="inline", setting=setting, workers=2) as port:
+                    result = self.send(f"sweep-{describe(setting).replace(' ', '-')}", port,
+                                       self.payout_plan(payouts, prefix),
+                                       connections=s.connections, max_s=s.e2e_max_s)
+                runs[setting].append({**self.load_summary(result), **self.latency(result),
+                                      **self.retry_figures(prefix)})
+        sweep = [self.sweep_row(setting, rows, recommended, runs[recommended])
+                 for setting, rows in runs.items()]
+        for row in sweep:
+            say(f"   {row['setting']:<40} {fmt(row['ack_per_s'])} ack/s (median of "
+                f"{', '.join(fmt(r) for r in row['runs_ack_per_s'])}), p99 "
+                f"{fmt(row['p99_ms'])} ms" + ("  (recommended)" if row["recommended"] else ""))
+            if row["beats_recommended"]:
+                say(f"   !! {row['setting']} was faster than the recommended setting "
+                    f"({describe(recommended)}) in every round")
         setting = recommended
 
         payouts = self.fresh_payouts(s.e2e_payouts)
@@ -531,21 +539,49 @@ class Bench:
             f"{fmt(main['p95_ms'])}/{fmt(main['p99_ms'])} ms")
 
         rate = max(1.0, (main["ack_per_s"] or 1) / 2)
-        count = max(50, int(rate * s.half_rate_s))
+        count = max(50, int(rate * (HALF_RATE_WARMUP_S + s.half_rate_s)))
         payouts = self.fresh_payouts(count)
         prefix = self.new_prefix("H")
-        say(f"   half rate: {rate:.0f} events/s, open loop, {s.half_rate_s} s ...")
+        say(f"   half rate: {rate:.0f} events/s, open loop, {s.half_rate_s} s after "
+            f"{HALF_RATE_WARMUP_S} s of warm-up ...")
         with self.stack(mode="inline", setting=setting, workers=2) as port:
             result = self.send("half-rate", port, self.payout_plan(payouts, prefix),
-                               connections=64, rate=rate, max_s=s.half_rate_s * 3 + 30)
+                               connections=64, rate=rate, max_s=s.half_rate_s * 3 + 30,
+                               warmup_s=HALF_RATE_WARMUP_S)
             settled = self.wait_settled(prefix, s.settle_s)
+        startup = [latency for due, latency in result["timeline_warmup"]]
         half = {"rate": rate, **self.load_summary(result), **self.latency(result),
+                "warmup_s": HALF_RATE_WARMUP_S,
+                "warmup_max_ms": 1000 * max(startup) if startup else None,
                 "service": self.latency(result, "service_s"), "final_status": settled,
                 "applied_inline": result["answer_status"].get("processed", 0),
                 "retries": self.retry_figures(prefix)}
         say(f"   at {rate:.0f}/s: p50/p95/p99 {fmt(half['p50_ms'])}/{fmt(half['p95_ms'])}/"
-            f"{fmt(half['p99_ms'])} ms (from when each event was due)")
-        return {"sweep": sweep, "fastest": fastest["setting"], "main": main, "half_rate": half}
+            f"{fmt(half['p99_ms'])} ms (from when each event was due); the slowest of the "
+            f"warm-up, as 64 connections opened: {fmt(half['warmup_max_ms'])} ms")
+        return {"sweep": sweep, "runs": {describe(k): v for k, v in runs.items()}, "main": main,
+                "half_rate": half}
+
+    @staticmethod
+    def sweep_row(setting: tuple[str, int, int], rows: list[dict[str, Any]],
+                  recommended: tuple[str, int, int], baseline: list[dict[str, Any]]
+                  ) -> dict[str, Any]:
+        """One setting's sweep runs: medians, and whether it beat the recommended setting
+        in every round (the runs of a round are back to back)."""
+        rates = [row["ack_per_s"] or 0.0 for row in rows]
+
+        def median(key: str) -> float | None:
+            values = [row[key] for row in rows if row.get(key) is not None]
+            return statistics.median(values) if values else None
+
+        beats = setting != recommended and all(
+            rate > (base["ack_per_s"] or 0) for rate, base in zip(rates, baseline, strict=True))
+        return {"setting": describe(setting), "gunicorn": setting,
+                "recommended": setting == recommended, "connections": rows[0]["connections"],
+                "ack_per_s": statistics.median(rates), "runs_ack_per_s": rates,
+                "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
+                "tx_retries_per_event": median("tx_retries_per_event"),
+                "beats_recommended": beats}
 
     # 3. ingest only, then drain ---------------------------------------------------------
 
@@ -1015,9 +1051,11 @@ class Bench:
         e2e = f.get("e2e", {})
         for row in e2e.get("sweep", []):
             mark = " (recommended)" if row.get("recommended") else ""
-            rows.append([f"e2e sweep: {row['setting']}{mark}", f"{fmt(row['ack_per_s'])} ack/s",
-                         f"p50 {fmt(row['p50_ms'])} / p99 {fmt(row['p99_ms'])} ms; "
-                         f"{fmt(row['retries']['tx_retries_per_event'], 2)} tx retries/event",
+            rows.append([f"e2e sweep: {row['setting']}{mark}",
+                         f"{fmt(row['ack_per_s'])} ack/s",
+                         f"median of {len(row['runs_ack_per_s'])}; p50 {fmt(row['p50_ms'])} / "
+                         f"p99 {fmt(row['p99_ms'])} ms; "
+                         f"{fmt(row['tx_retries_per_event'], 2)} tx retries/event",
                          ratio(row["ack_per_s"])])
         if "main" in e2e:
             m = e2e["main"]
@@ -1107,9 +1145,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep-db", action="store_true",
                         help="leave the bench PostgreSQL running at the end (to inspect "
                              "it); otherwise it is stopped and its files deleted")
-    parser.add_argument("--sweep", type=lambda text: [parse_setting(x) for x in text.split(",")],
-                        help="gunicorn settings the e2e section compares with the "
-                             "recommended one, e.g. gthread:4:2,sync:8 (class:workers:threads)")
+    parser.add_argument("--sweep", type=lambda text: [parse_setting(x) for x in text.split(",")
+                                                      if x],
+                        help="gunicorn settings the e2e section compares with the recommended "
+                             "one, e.g. gthread:4:2,sync:8 (class:workers:threads); '' for none")
     parser.add_argument("--what-if", action="store_true",
                         help="also run both pgbench scripts at READ COMMITTED")
     args = parser.parse_args(argv)

@@ -84,9 +84,10 @@ ITEM = PayoutItem._meta.db_table
 TRANSFER = PaymentTransfer._meta.db_table
 TRANSACTION = PaymentTransaction._meta.db_table
 
-# The payout with what the checks compare. It is found by its Stripe id: by our id,
-# SERIALIZABLE would also read the primary key's page, where the updates of
-# neighbouring payouts insert, and report conflicts between unrelated deliveries.
+# The payout with what the checks compare. It is found by its Stripe id, through the
+# hash index (see the Payout model): by our id, or through a btree, SERIALIZABLE would
+# read the index page where the updates of neighbouring payouts insert, and report
+# conflicts between unrelated deliveries.
 LOCK_SQL = f"""
 SELECT p.id, p.stripe_payout_id, p.status, p.last_event_id, p.last_event_created, p.amount,
        p.currency, coalesce(s.stripe_account_id, ''), p.reversed_at IS NOT NULL,
