@@ -1,11 +1,12 @@
 """gunicorn settings for the console (``gunicorn -c python:console.gunicorn_conf console.wsgi``).
 
-Measured on 2 cores (docs/benchmarks.md, the e2e sweep): two worker processes per
-core with two threads each. A worker waits on PostgreSQL for a good part of each
-request, so two per core keep the cores busy; more threads per process only queue
-on its GIL. gthread keeps connections alive; sync workers, which close each one,
-were 5-7 % faster in the sweep, so behind a proxy that pools connections they are
-the alternative.
+Measured on 2 cores (docs/benchmarks.md, the e2e sweep: 8 keep-alive senders, Stripe-like
+ids): two worker processes per core with two threads each. A worker waits on PostgreSQL
+for a good part of each request, so two per core keep the cores busy; more threads per
+process only queue on its GIL. gthread keeps connections alive and parks one that sends
+nothing in its poller, where a sync worker would be held; sync (one connection per request),
+one thread per process and 2 x 4 were no faster in the sweep, none of them in every
+round. ``make bench`` flags a setting that beats this one in every round.
 """
 
 import os
@@ -23,12 +24,11 @@ forwarded_allow_ips = ""
 
 
 def post_worker_init(worker: object) -> None:
-    """The application is loaded: move everything it made so far (modules, settings, URL
-    patterns, templates) out of the garbage collector's sight. A full collection then
-    walks only what requests made since, instead of pausing every request in flight for
-    the whole process's objects every few dozen requests."""
+    """The application is loaded: move what it made (modules, settings, apps, models) out
+    of the garbage collector's sight, so a full collection walks only what came later."""
     import gc
 
+    gc.collect()  # start-up garbage is freed, not frozen
     gc.freeze()
 
 

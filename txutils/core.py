@@ -12,7 +12,8 @@ Rules (docs/design.md, section 7):
   transaction (or inside another retrying function) runs once and lets the
   error rise to that outer boundary.
 * Each outermost transaction, with all its attempts, produces one
-  ``TransactionRecord`` (see records.py), delivered after it has ended.
+  ``TransactionRecord`` (see records.py), delivered after it has ended, or, to a
+  before-commit sink, inside it just before its commit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from enum import StrEnum
 from typing import Any, ParamSpec, TypeVar, overload
 
 import structlog
-from django.db import transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
 
 from txutils.records import Outcome, TransactionRecord, emit, write_before_commit
 
@@ -130,7 +131,7 @@ def _outermost_run(operation: str | None, fallback: str) -> Iterator[Transaction
     record = TransactionRecord(operation=operation or _operation_name.get() or fallback,
                                started_at=datetime.now(UTC))
     token = _current_run.set(record)
-    started = time.perf_counter()
+    record.started_clock = time.perf_counter()
     try:
         yield record
     except BaseException as exc:
@@ -142,9 +143,13 @@ def _outermost_run(operation: str | None, fallback: str) -> Iterator[Transaction
         record.error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        record.duration_ms = _elapsed_ms(record)
         _current_run.reset(token)
         emit(record)
+
+
+def _elapsed_ms(record: TransactionRecord) -> float:
+    return round((time.perf_counter() - record.started_clock) * 1000, 3)
 
 
 def _inside_transaction_or_run(using: str | None) -> bool:
@@ -197,6 +202,7 @@ def atomic_with_isolation(
     with owner or contextlib.nullcontext():
         record = _current_run.get()
         assert record is not None
+        wrote = []
         with transaction.atomic(using=using):
             with connection.cursor() as cursor:
                 # One round trip: set the level first, then read back what is in force.
@@ -210,10 +216,14 @@ def atomic_with_isolation(
                 yield
             finally:
                 _level_in_force.reset(level_token)
-            # The work is done; the record's before-commit sinks write in this transaction.
-            record.duration_ms = round((datetime.now(UTC) - record.started_at).total_seconds()
-                                       * 1000, 3)
-            write_before_commit(record)
+            # The work is done: the before-commit sinks write in this transaction (the
+            # record's duration then stops short of the commit).
+            if connection.needs_rollback:  # set_rollback(True): nothing will commit
+                record.outcome = Outcome.ROLLED_BACK
+            elif not read_only and connection.alias == DEFAULT_DB_ALIAS:
+                record.duration_ms = _elapsed_ms(record)
+                wrote = write_before_commit(record)
+        record.written_by += wrote  # only once the commit succeeded
 
 
 @overload

@@ -5,10 +5,13 @@ back, so a sink may write to the database (in autocommit) without becoming part
 of the transaction it describes. A sink added with ``before_commit=True`` is
 instead called inside the outermost transaction, just before its commit, with
 the record as it will be if the commit succeeds: what it writes then costs no
-commit of its own. If that transaction does not commit (an error, a retry, a
-failed commit), or is READ ONLY, the sink is called after it ended, like the
-others, with the final record. The structlog sink is always on; the console adds
-one that stores ``TransactionLog`` rows before commit.
+commit of its own. If that transaction does not commit (an error, a failed
+commit; after a retry, the attempt that commits writes it), or is READ ONLY, or
+runs on another database than the default one (where the sinks write), or has
+been marked for rollback, the sink is called after it ended, like the others,
+with the final record. A run that commits several transactions one after the
+other is written once, by the first. The structlog sink is always on; the
+console adds one that stores ``TransactionLog`` rows before commit.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class Outcome(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"
 
 
+Sink = Callable[["TransactionRecord"], None]
+
+
 @dataclasses.dataclass
 class TransactionRecord:
     operation: str
@@ -44,14 +50,16 @@ class TransactionRecord:
     outcome: Outcome = Outcome.COMMITTED
     error: str | None = None
     context: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # The before-commit sinks wrote this record in the transaction that then committed.
-    written_before_commit: bool = False
+    # Bookkeeping, not part of the record: the clock the durations are measured on, and
+    # the before-commit sinks that wrote the record in a transaction that committed.
+    started_clock: float = dataclasses.field(default=0.0, metadata={"internal": True})
+    written_by: list[Sink] = dataclasses.field(default_factory=list,
+                                               metadata={"internal": True})
 
     def as_dict(self) -> dict[str, Any]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if not field.metadata.get("internal")}
 
-
-Sink = Callable[[TransactionRecord], None]
 
 _sinks: list[Sink] = []
 _before_commit_sinks: list[Sink] = []
@@ -84,18 +92,17 @@ def structlog_sink(record: TransactionRecord) -> None:
         log.warning("tx.completed", **fields)
 
 
-def write_before_commit(record: TransactionRecord) -> None:
+def write_before_commit(record: TransactionRecord) -> list[Sink]:
     """Inside the outermost transaction, its work done: hand the record, as it will be
-    if the commit succeeds, to the before-commit sinks. A database error is raised (the
-    transaction is aborted and must not look committed); any other failure is logged,
-    and the record then goes to those sinks after the transaction, as if none had run."""
-    with _sinks_lock:
-        sinks = list(_before_commit_sinks)
-    record.written_before_commit = False
-    if not sinks or record.read_only:  # a read-only transaction cannot write its record
-        return
+    if the commit succeeds, to the before-commit sinks; return those that wrote it. A
+    database error is raised (the transaction is aborted and must not look committed);
+    any other failure is logged, and that sink gets the record after the transaction.
+    A sink should fail, if it must, before it writes."""
     from django.db import DatabaseError
 
+    with _sinks_lock:
+        sinks = [sink for sink in _before_commit_sinks if sink not in record.written_by]
+    wrote = []
     for sink in sinks:
         try:
             sink(record)
@@ -103,18 +110,18 @@ def write_before_commit(record: TransactionRecord) -> None:
             raise
         except Exception:
             _log_sink_failure(sink, record)
-            return
-    record.written_before_commit = True
+        else:
+            wrote.append(sink)
+    return wrote
 
 
 def emit(record: TransactionRecord) -> None:
-    """After the transaction: hand ``record`` to every sink, the before-commit ones only
-    if they did not write it in a transaction that committed; a failing sink is logged,
-    never raised."""
+    """After the transaction: hand ``record`` to every sink but the before-commit ones
+    that wrote it in a transaction that committed; a failing sink is logged, never
+    raised."""
     with _sinks_lock:
-        sinks = [structlog_sink, *_sinks]
-        if not (record.written_before_commit and record.outcome is Outcome.COMMITTED):
-            sinks += _before_commit_sinks
+        sinks = [structlog_sink, *_sinks,
+                 *(sink for sink in _before_commit_sinks if sink not in record.written_by)]
     for sink in sinks:
         try:
             sink(record)

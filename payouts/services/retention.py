@@ -7,7 +7,8 @@ short batches (``manage.py prune``, and the workers' daily ``prune`` job).
   evidence): events received more than that long ago and settled (processed, skipped,
   ignored; never received, failed, held or dead), with their attempts. An event is kept
   while an audit entry names it (a person acted on it) or an active bulk replay lists it;
-  a transaction log still pointing at one loses the pointer (its ``SET_NULL``).
+  a transaction log still pointing at one loses the pointer (as Django's ``SET_NULL``
+  would).
 
 Each batch is one short READ COMMITTED transaction that deletes at most ``BATCH_ROWS``
 rows: the oldest ones left, read through the date's index from where the last batch
@@ -62,8 +63,8 @@ WITH gone AS (
     DELETE FROM {TXLOG} WHERE id IN ({TXLOG_OLD} ORDER BY started_at LIMIT %(batch)s)
     RETURNING started_at)
 SELECT count(*), max(started_at), 0 FROM gone"""
-# The attempts deleted too (no database constraint cascades them), and transaction logs'
-# pointers cleared (their constraint is checked at commit).
+# The attempts deleted too and transaction logs' pointers cleared: no database constraint
+# does either (they have none: see their models).
 EVENT_BATCH_SQL = f"""
 WITH doomed AS ({EVENT_OLD} ORDER BY e.received_at LIMIT %(batch)s FOR UPDATE OF e SKIP LOCKED),
 attempts AS (DELETE FROM {ATTEMPT} WHERE event_id IN (SELECT id FROM doomed) RETURNING 1),

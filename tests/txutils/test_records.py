@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
-from django.db import IntegrityError, ProgrammingError, connection
+from django.db import IntegrityError, ProgrammingError, connection, transaction
 
 import txutils
 from tests.txutils.conftest import write_skew_partner
@@ -138,8 +138,49 @@ def current_xid() -> int:
 def test_a_before_commit_sink_writes_in_the_transaction_it_describes(calls, records):
     with txutils.atomic_with_isolation("serializable", operation="paid"):
         xid = current_xid()
-    assert calls == [("paid", Outcome.COMMITTED, 1, True, xid)]  # and not again after
-    assert [r.written_before_commit for r in records] == [True]
+        with txutils.atomic_with_isolation("serializable"):  # joins: a savepoint
+            pass
+    assert calls == [("paid", Outcome.COMMITTED, 1, True, xid)]  # once, and not again after
+    assert len(records) == 1 and "written_by" not in records[0].as_dict()
+
+
+def test_a_read_only_transaction_is_written_after(calls):
+    with txutils.atomic_with_isolation("serializable", read_only=True, operation="report"):
+        pass
+    assert calls == [("report", Outcome.COMMITTED, 1, False, None)]
+
+
+def test_a_transaction_marked_for_rollback_is_written_after_as_rolled_back(kv_table, calls):
+    with txutils.atomic_with_isolation("serializable", operation="undone"):
+        with connection.cursor() as cursor:
+            cursor.execute("UPDATE test SET value = 0 WHERE id = 1")
+        transaction.set_rollback(True)
+    assert calls == [("undone", Outcome.ROLLED_BACK, 1, False, None)]
+
+
+def test_a_failure_after_the_commit_does_not_write_the_record_twice(calls, records):
+    @txutils.retry_on_deadlock(max_retries=1)
+    def commit_then_fail() -> None:
+        with txutils.atomic_with_isolation("serializable"):
+            pass
+        raise ValueError("after the commit")
+
+    with pytest.raises(ValueError):
+        commit_then_fail()
+    assert [inside for *_, inside, _ in calls] == [True]
+
+
+def test_a_run_of_two_transactions_is_written_once_by_the_first(calls):
+    @txutils.retry_on_deadlock(max_retries=1)
+    def twice() -> list[int]:
+        xids = []
+        for _ in range(2):
+            with txutils.atomic_with_isolation("serializable"):
+                xids.append(current_xid())
+        return xids
+
+    first, _second = twice()
+    assert [(inside, xid) for *_, inside, xid in calls] == [(True, first)]
 
 
 def test_a_before_commit_sink_sees_the_retries_of_the_attempt_that_commits(
@@ -183,12 +224,14 @@ def test_when_the_body_fails_the_sink_is_only_called_after(calls):
     assert calls == [("divide", Outcome.ROLLED_BACK, 1, False, None)]
 
 
-def test_a_before_commit_sink_that_fails_in_python_is_logged_and_called_again_after(calls):
-    failures = []
+def test_a_before_commit_sink_that_fails_in_python_gets_the_record_after(calls):
+    """The failure is logged; that sink alone is called again once the transaction has
+    committed, the sinks that wrote inside it are not."""
+    fussy_calls = []
 
     def fussy(record: txutils.TransactionRecord) -> None:
+        fussy_calls.append(connection.in_atomic_block)
         if connection.in_atomic_block:
-            failures.append(record.operation)
             raise ValueError("cannot serialise the context")
 
     txutils.add_sink(fussy, before_commit=True)
@@ -198,10 +241,9 @@ def test_a_before_commit_sink_that_fails_in_python_is_logged_and_called_again_af
                 pass
     finally:
         txutils.remove_sink(fussy)
-    assert failures == ["kept"]
-    # The transaction committed; every before-commit sink gets the record after it.
+    assert fussy_calls == [True, False]
     assert [(outcome, inside) for _, outcome, _, inside, _ in calls] == [
-        (Outcome.COMMITTED, True), (Outcome.COMMITTED, False)]
+        (Outcome.COMMITTED, True)]
     assert any(e["event"] == "tx.sink_failed" for e in logs)
 
 
