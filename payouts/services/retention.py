@@ -19,6 +19,7 @@ lock beyond the rows deleted; autovacuum makes the space reusable.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +35,7 @@ from payouts.services.stripe_sync import Tick, quiet
 log = structlog.get_logger(__name__)
 
 BATCH_ROWS = 5000
+PAUSE_RATIO = 1.0  # after each batch, a pause this many times as long as the batch took
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # before anything stored
 TXLOG = TransactionLog._meta.db_table
 EVENT = WebhookEvent._meta.db_table
@@ -139,8 +141,12 @@ def _prune_table(table: Table, cutoff: datetime, result: PruneResult, *, batch: 
                  rows=rows, attempts=attempts)
         return
     while True:
+        started = time.monotonic()
         with transaction.atomic():  # one short transaction per batch
             rows, reached, attempts = _fetch(table.batch_sql, params)
+        # Rest as long as the batch took: deliveries get the database (and its WAL) at
+        # least half the time, and a daily prune may take twice as long.
+        time.sleep((time.monotonic() - started) * PAUSE_RATIO)
         result.batches += 1
         result.deleted[table.name] += rows
         result.deleted["attempts"] += attempts
