@@ -5,9 +5,11 @@ port), one run, every figure side by side:
 
 1. limit      pgbench replaying the processor's SQL for payout.paid (SERIALIZABLE,
               8 clients, fixed duration, --max-tries), and the whole request's SQL
-2. e2e        gunicorn (a few settings, then the best) + a separate load-generator
-              process, inline processing, distinct payout.paid / payout.failed events
-              for N payouts; then an open-loop run at half that rate for p99
+2. e2e        gunicorn as the README runs it, beside a sweep of other settings (three
+              interleaved rounds) + a separate load-generator process (8 keep-alive
+              senders), inline processing, distinct payout.paid / payout.failed events
+              for N payouts with Stripe-like ids; then an open-loop run at half that
+              rate for p99, after a warm-up
 3. ingest     deferred mode: events/s stored; then the drain rate of 2 workers
 4. hot        8 clients, events for only 10 payouts: events/s, retries, final state
 5. console    1 M payouts, 5 M transactions, 2 M events (SQL generate_series):

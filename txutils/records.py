@@ -70,17 +70,19 @@ def add_sink(sink: Sink, *, before_commit: bool = False) -> None:
     """Deliver every future record to ``sink`` too (idempotent); ``before_commit``: see
     the module docstring."""
     with _sinks_lock:
-        for group in (_sinks, _before_commit_sinks):
-            if sink in group:
-                group.remove(sink)
+        _discard(sink)
         (_before_commit_sinks if before_commit else _sinks).append(sink)
 
 
 def remove_sink(sink: Sink) -> None:
     with _sinks_lock:
-        for group in (_sinks, _before_commit_sinks):
-            if sink in group:
-                group.remove(sink)
+        _discard(sink)
+
+
+def _discard(sink: Sink) -> None:
+    for group in (_sinks, _before_commit_sinks):
+        if sink in group:
+            group.remove(sink)
 
 
 def structlog_sink(record: TransactionRecord) -> None:
