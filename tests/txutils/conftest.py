@@ -1,3 +1,4 @@
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -6,13 +7,22 @@ import txutils
 from tests.dbsessions import Session
 
 
+@contextlib.contextmanager
+def sink_added(sink: txutils.records.Sink, *, before_commit: bool = False) -> Iterator[None]:
+    """``sink`` receives the records of the transactions run inside the block."""
+    txutils.add_sink(sink, before_commit=before_commit)
+    try:
+        yield
+    finally:
+        txutils.remove_sink(sink)
+
+
 @pytest.fixture
 def records() -> Iterator[list[txutils.TransactionRecord]]:
     """Every TransactionRecord emitted during the test, in order."""
     seen: list[txutils.TransactionRecord] = []
-    txutils.add_sink(seen.append)
-    yield seen
-    txutils.remove_sink(seen.append)
+    with sink_added(seen.append):
+        yield seen
 
 
 def write_skew_partner(session_factory, *, name: str = "partner") -> Session:  # type: ignore[no-untyped-def]

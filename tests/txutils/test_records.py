@@ -8,7 +8,7 @@ import structlog
 from django.db import IntegrityError, ProgrammingError, connection, transaction
 
 import txutils
-from tests.txutils.conftest import write_skew_partner
+from tests.txutils.conftest import sink_added, write_skew_partner
 from txutils import Outcome
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -35,12 +35,8 @@ def test_records_are_delivered_after_the_transaction_has_ended():
     def sink(record: txutils.TransactionRecord) -> None:
         states.append((record.operation, connection.in_atomic_block))
 
-    txutils.add_sink(sink)
-    try:
-        with txutils.atomic_with_isolation("repeatable read", operation="outer"):
-            pass
-    finally:
-        txutils.remove_sink(sink)
+    with sink_added(sink), txutils.atomic_with_isolation("repeatable read", operation="outer"):
+        pass
     assert states == [("outer", False)]
 
 
@@ -48,13 +44,9 @@ def test_a_failing_sink_is_logged_and_does_not_break_the_caller(records):
     def broken(record: txutils.TransactionRecord) -> None:
         raise RuntimeError("sink down")
 
-    txutils.add_sink(broken)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            with txutils.atomic_with_isolation("serializable", operation="survives"):
-                pass
-    finally:
-        txutils.remove_sink(broken)
+    with sink_added(broken), structlog.testing.capture_logs() as logs:
+        with txutils.atomic_with_isolation("serializable", operation="survives"):
+            pass
     assert [r.outcome for r in records] == [Outcome.COMMITTED]
     assert any(e["event"] == "tx.sink_failed" and e["operation"] == "survives" for e in logs)
 
@@ -124,9 +116,8 @@ def calls() -> Iterator[list[tuple[str, Outcome, int, bool, int | None]]]:
         seen.append((record.operation, record.outcome, record.attempts, inside,
                      current_xid() if inside else None))
 
-    txutils.add_sink(sink, before_commit=True)
-    yield seen
-    txutils.remove_sink(sink)
+    with sink_added(sink, before_commit=True):
+        yield seen
 
 
 def current_xid() -> int:
@@ -234,13 +225,9 @@ def test_a_before_commit_sink_that_fails_in_python_gets_the_record_after(calls):
         if connection.in_atomic_block:
             raise ValueError("cannot serialise the context")
 
-    txutils.add_sink(fussy, before_commit=True)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            with txutils.atomic_with_isolation("serializable", operation="kept"):
-                pass
-    finally:
-        txutils.remove_sink(fussy)
+    with sink_added(fussy, before_commit=True), structlog.testing.capture_logs() as logs:
+        with txutils.atomic_with_isolation("serializable", operation="kept"):
+            pass
     assert fussy_calls == [True, False]
     assert [(outcome, inside) for _, outcome, _, inside, _ in calls] == [
         (Outcome.COMMITTED, True)]
@@ -253,14 +240,10 @@ def test_a_database_error_in_a_before_commit_sink_fails_the_transaction(kv_table
             with connection.cursor() as cursor:
                 cursor.execute("INSERT INTO no_such_table VALUES (1)")
 
-    txutils.add_sink(broken, before_commit=True)
-    try:
-        with pytest.raises(ProgrammingError):
-            with txutils.atomic_with_isolation("serializable", operation="not kept"):
-                with connection.cursor() as cursor:
-                    cursor.execute("UPDATE test SET value = 0 WHERE id = 1")
-    finally:
-        txutils.remove_sink(broken)
+    with sink_added(broken, before_commit=True), pytest.raises(ProgrammingError):
+        with txutils.atomic_with_isolation("serializable", operation="not kept"):
+            with connection.cursor() as cursor:
+                cursor.execute("UPDATE test SET value = 0 WHERE id = 1")
     with connection.cursor() as cursor:
         cursor.execute("SELECT value FROM test WHERE id = 1")
         assert cursor.fetchone()[0] == 10  # nothing of it committed
