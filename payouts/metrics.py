@@ -132,7 +132,7 @@ class DatabaseFigures:
         yield GaugeMetricFamily("payout_console_payouts_stuck_in_transit",
                                 "Payouts in transit past their arrival date",
                                 value=selectors.payouts_stuck(now).count())
-        open_alerts = dict(Alert.objects.filter(resolved_at__isnull=True).order_by()
+        open_alerts = dict(Alert.objects.filter(Alert.OPEN).order_by()
                            .values_list("rule").annotate(n=Count("id")))
         gauge = GaugeMetricFamily("payout_console_alerts_open", "Open alerts by rule",
                                   labels=["rule"])

@@ -3,12 +3,16 @@
 from django.db import models
 from django.db.models import Q
 
+_OPEN = Q(resolved_at__isnull=True)
+
 
 class Alert(models.Model):
     """One episode of a rule holding for one subject (a failure code, a seller, a job; ""
     for a rule about the whole system). At most one open per (rule, subject), by a partial
     unique index, so two evaluators at once cannot open it twice. Its two notifications
     (opened, resolved) are each delivered once; a failed delivery is retried later."""
+
+    OPEN = _OPEN  # not resolved yet: what "open" means for the unique index and every query
 
     rule = models.CharField(max_length=64)
     subject = models.CharField(max_length=200, blank=True, default="")
@@ -29,7 +33,7 @@ class Alert(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["rule", "subject"],
-                                    condition=Q(resolved_at__isnull=True),
+                                    condition=_OPEN,
                                     name="alert_one_open_per_rule_subject"),
         ]
         indexes = [models.Index(fields=["-opened_at"])]

@@ -259,7 +259,7 @@ def evaluate(now: datetime, result: Evaluation) -> None:
 
 
 def open_alerts() -> list[Alert]:
-    return list(Alert.objects.filter(resolved_at__isnull=True).order_by("opened_at", "id"))
+    return list(Alert.objects.filter(Alert.OPEN).order_by("opened_at", "id"))
 
 
 def check(result: Evaluation, now: datetime | None = None) -> Evaluation:
